@@ -1,0 +1,1 @@
+"""Click command-line interface of mergekit-ext, installed as `mergekit_ext.cli`."""

@@ -1,0 +1,108 @@
+"""Entry point of the `merge` command.
+
+Commands load lazily so that `merge --help` does not import torch. Each entry of
+`COMMANDS` maps a command name to `module:attribute` inside `mergekit_ext.cli`
+and a one-line description shown by `--help`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+import click
+
+from mergekit_ext import __version__
+
+# name -> (module inside mergekit_ext.cli, attribute, one-line help)
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "run": ("merge_commands", "run_command", "Run a YAML merge recipe (mergekit-compatible subset)."),
+    "linear": ("merge_commands", "linear_command", "Weighted average of models."),
+    "task-arithmetic": ("merge_commands", "task_arithmetic_command", "Base plus the weighted sum of task vectors."),
+    "ties": ("merge_commands", "ties_command", "TIES: trim, elect sign, disjoint merge of task vectors."),
+    "dare-ties": ("merge_commands", "dare_ties_command", "DARE random drop with L1 rescale, then TIES sign consensus."),
+    "dare-linear": ("merge_commands", "dare_linear_command", "DARE random drop with L1 rescale, then a weighted sum."),
+    "slerp": ("merge_commands", "slerp_command", "Spherical interpolation between the base and one model."),
+    "tsv": ("merge_commands", "tsv_command", "TSV-M: task singular vectors with orthogonalized bases."),
+    "iso-c": ("merge_commands", "iso_c_command", "Iso-C: isotropic spectrum of the summed task vectors."),
+    "iso-cts": ("merge_commands", "iso_cts_command", "Iso-CTS: common and task-specific isotropic subspaces."),
+    "inspect": ("inspect_command", "inspect_command", "Show tensors, shapes, dtypes and sizes of a checkpoint."),
+}
+
+
+@dataclass
+class GlobalOptions:
+    """Options given before the command name, shared by every command."""
+
+    device: str
+    seed: int
+    debug: bool
+
+
+class LazyGroup(click.Group):
+    """A Click group that imports a command's module only when it runs."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in COMMANDS:
+            return None
+        module_name, attribute, _ = COMMANDS[cmd_name]
+        module = importlib.import_module(f"mergekit_ext.cli.{module_name}")
+        return getattr(module, attribute)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        rows = [(name, COMMANDS[name][2]) for name in self.list_commands(ctx)]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        from mergekit_ext.errors import MergekitExtError
+
+        try:
+            return super().invoke(ctx)
+        except MergekitExtError as error:
+            options = ctx.find_object(GlobalOptions)
+            if options is not None and options.debug:
+                raise
+            click.echo(f"Error: {error}", err=True)
+            ctx.exit(2)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="mergekit-ext")
+@click.option(
+    "--device",
+    default="auto",
+    show_default=True,
+    help="Compute device: auto (CUDA when present), cpu, cuda or cuda:N.",
+)
+@click.option("--seed", default=0, show_default=True, type=int, help="Random seed for random methods and sampling.")
+@click.option(
+    "--log-level",
+    default="info",
+    show_default=True,
+    type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
+    help="Logging verbosity.",
+)
+@click.option("--debug", is_flag=True, help="Show full tracebacks for errors.")
+@click.pass_context
+def cli(ctx: click.Context, device: str, seed: int, log_level: str, debug: bool) -> None:
+    """Merge, inspect and operate on safetensors checkpoints."""
+    from mergekit_ext.cli.logging_setup import install_rich_logging
+
+    install_rich_logging(log_level)
+    ctx.obj = GlobalOptions(device=device, seed=seed, debug=debug)
+
+
+def main() -> None:
+    """Run the CLI; used by the `merge` console script."""
+    cli(prog_name="merge")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,49 @@
+"""Interface between the merge engine and the per-tensor merge kernels.
+
+A merge method receives, for one output tensor, the base tensor (or None), the
+tensors of the other models in input order, and parameters already resolved for
+that tensor (per-model filters and layer gradients applied by the engine). All
+input tensors are float32 on the compute device; the method returns float32 and
+the engine casts to the output dtype.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+
+@dataclass(frozen=True)
+class ParameterSpec:
+    """A parameter a method accepts, with its default (None: required)."""
+
+    name: str
+    default: float | None
+    per_model: bool
+    description: str
+
+
+@dataclass(frozen=True)
+class TensorMergeInput:
+    """Everything a method needs to merge one tensor."""
+
+    name: str
+    base: torch.Tensor | None
+    models: list[torch.Tensor]
+    model_parameters: list[dict[str, float]] = field(default_factory=list)
+    parameters: dict[str, float] = field(default_factory=dict)
+    seed: int = 0
+
+
+class MergeMethod(Protocol):
+    """A merge method as the engine and the CLI see it."""
+
+    name: str
+    requires_base: bool
+    parameters: tuple[ParameterSpec, ...]
+
+    def merge(self, inputs: TensorMergeInput) -> torch.Tensor:
+        """Merge one tensor; inputs and result are float32."""
+        ...
