@@ -1,0 +1,188 @@
+"""`merge run` and one command per merge method (`merge ties --base B --models M1 M2 ...`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import click
+
+from mergekit_ext.cli.main import GlobalOptions
+from mergekit_ext.cli.options import GreedyCommand, output_options
+from mergekit_ext.cli.progress import progress_callback
+
+
+def _merge_options(global_options: GlobalOptions, options: dict[str, Any], recipe_path: Path | None = None) -> Any:
+    from mergekit_ext.checkpoint import parse_size
+    from mergekit_ext.engine import MergeOptions
+
+    return MergeOptions(
+        output=Path(options["output"]),
+        seed=global_options.seed,
+        device=global_options.device,
+        shard_size=parse_size(options["shard_size"]),
+        force=options["force"],
+        allow_pickle=options["allow_pickle"],
+        truncate_vocab=options["truncate_vocab"],
+        prefetch=options["prefetch"],
+        tokenizer_from=Path(options["tokenizer_from"]) if options["tokenizer_from"] else None,
+        recipe_path=recipe_path,
+    )
+
+
+def _run(recipe: Any, global_options: GlobalOptions, options: dict[str, Any], recipe_path: Path | None = None) -> None:
+    from mergekit_ext.engine import run_recipe
+
+    merge_options = _merge_options(global_options, options, recipe_path)
+    with progress_callback(f"{recipe.merge_method} merge") as update:
+        report = run_recipe(recipe, merge_options, progress=update)
+    click.echo(report.summary())
+
+
+@click.command("run", cls=GreedyCommand)
+@click.argument("recipe_path", type=click.Path(dir_okay=False))
+@output_options
+@click.pass_obj
+def run_command(global_options: GlobalOptions, recipe_path: str, **options: Any) -> None:
+    """Run the YAML recipe RECIPE_PATH (merge_method, base_model, models, parameters)."""
+    from mergekit_ext.recipe import load_recipe
+
+    recipe = load_recipe(recipe_path)
+    if options["dtype"]:
+        recipe = recipe.model_copy(update={"out_dtype": options["dtype"]})
+    _run(recipe, global_options, options, Path(recipe_path))
+
+
+@dataclass(frozen=True)
+class MethodOption:
+    """A command-line option that sets one method parameter."""
+
+    flag: str
+    parameter: str
+    per_model: bool
+    help: str
+    kind: str = "float"  # "float" or "flag"
+
+
+WEIGHTS = MethodOption("--weights", "weight", True, "Weight per model (one value for all, or one per model).")
+DENSITY = MethodOption("--density", "density", True, "Fraction of each task vector kept (one value or one per model).")
+LAMBDA = MethodOption("--lambda", "lambda", False, "Scale of the merged task vector.")
+NORMALIZE = MethodOption("--normalize/--no-normalize", "normalize", False, "Divide by the sum of weights.", "flag")
+ALPHA = MethodOption("--alpha", "alpha", False, "Scale of the merged task vector (TSV-M and Iso).")
+
+
+def _make_method_command(command_name: str, method: str, requires_base: bool, method_options: list[MethodOption], summary: str) -> click.Command:
+    def callback(global_options: GlobalOptions, base: str | None, models: tuple[str, ...], **options: Any) -> None:
+        from mergekit_ext.recipe import parse_recipe
+
+        values = {option.parameter: options.pop(_option_key(option)) for option in method_options}
+        recipe = parse_recipe(_recipe_data(method, base, models, values, method_options, options["dtype"]), source="command line")
+        _run(recipe, global_options, options)
+
+    callback.__doc__ = summary
+    command: Any = click.pass_obj(callback)
+    for option in reversed(method_options):
+        command = _click_option(option)(command)
+    command = output_options(command)
+    command = click.option(
+        "--models",
+        "-m",
+        multiple=True,
+        required=True,
+        type=click.Path(exists=True),
+        help="Model folders or .safetensors files; several paths may follow one flag.",
+    )(command)
+    command = click.option(
+        "--base",
+        "-b",
+        required=requires_base,
+        type=click.Path(exists=True),
+        help="Base model folder (task vectors are taken against it)." if requires_base else "Optional base model.",
+    )(command)
+    return click.command(command_name, cls=GreedyCommand, help=summary)(command)
+
+
+def _option_key(option: MethodOption) -> str:
+    return option.flag.split("/")[0].lstrip("-").replace("-", "_")
+
+
+def _click_option(option: MethodOption) -> Any:
+    if option.kind == "flag":
+        return click.option(option.flag, _option_key(option), default=None, help=option.help)
+    if option.per_model:
+        return click.option(option.flag, _option_key(option), multiple=True, type=float, help=option.help)
+    return click.option(option.flag, _option_key(option), type=float, default=None, help=option.help)
+
+
+def _recipe_data(
+    method: str,
+    base: str | None,
+    models: tuple[str, ...],
+    values: dict[str, Any],
+    method_options: list[MethodOption],
+    dtype: str | None,
+) -> dict[str, Any]:
+    from mergekit_ext.errors import RecipeError
+
+    entries: list[dict[str, Any]] = [{"model": path, "parameters": {}} for path in models]
+    parameters: dict[str, Any] = {}
+    for option in method_options:
+        value = values[option.parameter]
+        if value is None or value == ():
+            continue
+        if not option.per_model:
+            parameters[option.parameter] = value
+            continue
+        if len(value) == 1:
+            parameters[option.parameter] = value[0]
+        elif len(value) == len(models):
+            for entry, item in zip(entries, value):
+                entry["parameters"][option.parameter] = item
+        else:
+            raise RecipeError(
+                f"{option.flag} got {len(value)} values for {len(models)} models; give one value or one per model"
+            )
+    data: dict[str, Any] = {"merge_method": method, "models": entries, "parameters": parameters}
+    if base:
+        data["base_model"] = base
+    if dtype:
+        data["out_dtype"] = dtype
+    return data
+
+
+linear_command = _make_method_command(
+    "linear", "linear", False, [WEIGHTS, NORMALIZE], "Weighted average of models: sum(w_i x_i) / sum(w_i)."
+)
+task_arithmetic_command = _make_method_command(
+    "task-arithmetic", "task_arithmetic", True, [WEIGHTS, LAMBDA, NORMALIZE], "Base plus lambda times the weighted sum of task vectors."
+)
+ties_command = _make_method_command(
+    "ties", "ties", True, [WEIGHTS, DENSITY, LAMBDA, NORMALIZE], "TIES: keep the top-density entries, elect signs, average agreeing entries."
+)
+dare_ties_command = _make_method_command(
+    "dare-ties", "dare_ties", True, [WEIGHTS, DENSITY, LAMBDA, NORMALIZE], "DARE random drop with L1 rescale, then TIES sign consensus."
+)
+dare_linear_command = _make_method_command(
+    "dare-linear", "dare_linear", True, [WEIGHTS, DENSITY, LAMBDA, NORMALIZE], "DARE random drop with L1 rescale, then a weighted sum."
+)
+slerp_command = _make_method_command(
+    "slerp",
+    "slerp",
+    True,
+    [MethodOption("--t", "t", False, "Interpolation factor: 0 returns the base, 1 the model.")],
+    "Spherical interpolation between the base and one model.",
+)
+tsv_command = _make_method_command(
+    "tsv", "tsv", True, [ALPHA], "TSV-M: per-task singular vectors, orthogonalized, summed onto the base."
+)
+iso_c_command = _make_method_command(
+    "iso-c", "iso_c", True, [ALPHA], "Iso-C: SVD of the summed task vectors with a flat spectrum."
+)
+iso_cts_command = _make_method_command(
+    "iso-cts",
+    "iso_cts",
+    True,
+    [ALPHA, MethodOption("--common-space-fraction", "common_space_fraction", False, "Share of the rank kept for the common subspace.")],
+    "Iso-CTS: common and task-specific isotropic subspaces.",
+)

@@ -1,0 +1,288 @@
+"""Lazy reader of checkpoints: one safetensors file, a folder, or a sharded folder.
+
+Names, shapes and dtypes come from the headers only. Tensor data is memory-mapped by
+`safetensors.safe_open` and read when `load` is called, so opening a 70B checkpoint
+costs a few milliseconds and no memory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from mergekit_ext.checkpoint.safetensors_header import read_header
+from mergekit_ext.errors import CheckpointError, PickleNotAllowedError
+
+logger = logging.getLogger(__name__)
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+SAFETENSORS_SINGLE = "model.safetensors"
+PICKLE_INDEX = "pytorch_model.bin.index.json"
+PICKLE_SINGLE = "pytorch_model.bin"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Name, shape, dtype and location of one tensor, known without loading it."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    file: Path
+    offset: int
+    nbytes: int
+
+
+class Checkpoint:
+    """A read-only, lazily loaded checkpoint.
+
+    Open with `Checkpoint.open(path)`. Tensors keep the checkpoint's own names and are
+    listed in file and offset order, the order that reads the disk sequentially.
+    """
+
+    def __init__(self, path: Path, tensors: dict[str, TensorInfo], pickled: bool) -> None:
+        self.path = path
+        self.folder = path if path.is_dir() else path.parent
+        self._tensors = tensors
+        self._pickled = pickled
+        self._handles: dict[Path, Any] = {}
+        self._lock = threading.Lock()
+        self._sha256: str | None = None
+
+    @classmethod
+    def open(cls, path: str | Path, *, allow_pickle: bool = False) -> Checkpoint:
+        """Open a checkpoint folder or file, reading headers only."""
+        path = Path(path).expanduser()
+        if not path.exists():
+            raise CheckpointError(f"{path}: checkpoint not found; check the path")
+        if path.is_file():
+            return cls._open_file(path, allow_pickle)
+        return cls._open_folder(path, allow_pickle)
+
+    @classmethod
+    def _open_file(cls, path: Path, allow_pickle: bool) -> Checkpoint:
+        if path.suffix == ".safetensors":
+            return cls(path, _infos_from_safetensors([path]), pickled=False)
+        if path.suffix in PICKLE_SUFFIXES:
+            return cls(path, _infos_from_pickle([path], allow_pickle), pickled=True)
+        raise CheckpointError(
+            f"{path}: unsupported checkpoint file type {path.suffix!r}; give a .safetensors "
+            "file or a checkpoint folder"
+        )
+
+    @classmethod
+    def _open_folder(cls, folder: Path, allow_pickle: bool) -> Checkpoint:
+        if (folder / SAFETENSORS_INDEX).exists():
+            files = _files_from_index(folder / SAFETENSORS_INDEX)
+            return cls(folder, _infos_from_safetensors(files), pickled=False)
+        if (folder / SAFETENSORS_SINGLE).exists():
+            return cls(folder, _infos_from_safetensors([folder / SAFETENSORS_SINGLE]), pickled=False)
+
+        loose = sorted(folder.glob("*.safetensors"))
+        if len(loose) == 1:
+            return cls(folder, _infos_from_safetensors(loose), pickled=False)
+        if len(loose) > 1:
+            raise CheckpointError(
+                f"{folder}: {len(loose)} safetensors files but no {SAFETENSORS_INDEX}; add the "
+                "index file or pass one .safetensors file"
+            )
+        if (folder / PICKLE_INDEX).exists():
+            files = _files_from_index(folder / PICKLE_INDEX)
+            return cls(folder, _infos_from_pickle(files, allow_pickle), pickled=True)
+        if (folder / PICKLE_SINGLE).exists():
+            return cls(folder, _infos_from_pickle([folder / PICKLE_SINGLE], allow_pickle), pickled=True)
+        raise CheckpointError(
+            f"{folder}: no model weights found (expected {SAFETENSORS_SINGLE} or "
+            f"{SAFETENSORS_INDEX}); check that this is a checkpoint folder"
+        )
+
+    @property
+    def names(self) -> list[str]:
+        """Tensor names in file and offset order."""
+        return list(self._tensors)
+
+    @property
+    def files(self) -> list[Path]:
+        """Weight files, in the order their tensors are listed."""
+        return list(dict.fromkeys(info.file for info in self._tensors.values()))
+
+    @property
+    def pickled(self) -> bool:
+        return self._pickled
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._tensors
+
+    def __len__(self) -> int:
+        return len(self._tensors)
+
+    def info(self, name: str) -> TensorInfo:
+        """Return the header information of tensor `name`."""
+        try:
+            return self._tensors[name]
+        except KeyError:
+            raise CheckpointError(f"{self.path}: tensor {name!r} not found") from None
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(info.nbytes for info in self._tensors.values())
+
+    @property
+    def config(self) -> dict[str, Any] | None:
+        """The parsed `config.json` beside the weights, or None."""
+        config_path = self.folder / "config.json"
+        if not config_path.exists():
+            return None
+        try:
+            return json.loads(config_path.read_text())
+        except json.JSONDecodeError as error:
+            raise CheckpointError(f"{config_path}: invalid JSON ({error}); fix or remove the file") from error
+
+    def load(self, name: str) -> torch.Tensor:
+        """Load tensor `name` from the memory map (a CPU tensor in its stored dtype)."""
+        info = self.info(name)
+        handle = self._handle(info.file)
+        if self._pickled:
+            return handle[name]
+        return handle.get_tensor(name)
+
+    def _handle(self, file: Path) -> Any:
+        with self._lock:
+            if file not in self._handles:
+                if self._pickled:
+                    self._handles[file] = _load_pickle(file)
+                else:
+                    self._handles[file] = safe_open(str(file), framework="pt", device="cpu")
+            return self._handles[file]
+
+    def sha256(self) -> str:
+        """SHA-256 of the weight files' bytes, in file order (computed once)."""
+        if self._sha256 is None:
+            digest = hashlib.sha256()
+            for file in self.files:
+                with file.open("rb") as handle:
+                    for block in iter(lambda: handle.read(8 * 1024 * 1024), b""):
+                        digest.update(block)
+            self._sha256 = digest.hexdigest()
+        return self._sha256
+
+    def close(self) -> None:
+        """Drop the memory maps; later `load` calls reopen them."""
+        with self._lock:
+            self._handles.clear()
+
+    def __repr__(self) -> str:
+        return f"Checkpoint({str(self.path)!r}, tensors={len(self)})"
+
+
+def _files_from_index(index_path: Path) -> list[Path]:
+    try:
+        index = json.loads(index_path.read_text())
+        weight_map = index["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError) as error:
+        raise CheckpointError(
+            f"{index_path}: malformed index (needs a 'weight_map' object): {error}"
+        ) from error
+    files = []
+    for file_name in dict.fromkeys(weight_map.values()):
+        file = index_path.parent / file_name
+        if not file.exists():
+            raise CheckpointError(
+                f"{index_path}: shard {file_name} is listed in the index but missing; "
+                "download the missing shard"
+            )
+        files.append(file)
+    return files
+
+
+def _infos_from_safetensors(files: list[Path]) -> dict[str, TensorInfo]:
+    entries = []
+    for file in files:
+        header = read_header(file)
+        for entry in header.entries.values():
+            entries.append(
+                TensorInfo(
+                    name=entry.name,
+                    shape=entry.shape,
+                    dtype=SAFETENSORS_DTYPES[entry.dtype],
+                    file=file,
+                    offset=header.data_start + entry.begin,
+                    nbytes=entry.nbytes,
+                )
+            )
+    return _ordered(entries)
+
+
+def _ordered(entries: list[TensorInfo]) -> dict[str, TensorInfo]:
+    file_rank = {file: rank for rank, file in enumerate(dict.fromkeys(e.file for e in entries))}
+    entries.sort(key=lambda entry: (file_rank[entry.file], entry.offset))
+    tensors: dict[str, TensorInfo] = {}
+    for entry in entries:
+        if entry.name in tensors:
+            raise CheckpointError(
+                f"tensor {entry.name!r} appears in both {tensors[entry.name].file} and "
+                f"{entry.file}; the checkpoint is inconsistent"
+            )
+        tensors[entry.name] = entry
+    return tensors
+
+
+def _load_pickle(file: Path) -> dict[str, torch.Tensor]:
+    # weights_only=True refuses arbitrary objects, so a malicious pickle cannot run code.
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as error:  # torch raises many types for a bad or unsafe pickle
+        raise CheckpointError(f"{file}: cannot load pickled weights safely: {error}") from error
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{file}: pickled file does not hold a dict of tensors")
+    return state
+
+
+def _infos_from_pickle(files: list[Path], allow_pickle: bool) -> dict[str, TensorInfo]:
+    if not allow_pickle:
+        raise PickleNotAllowedError(
+            f"{files[0]}: pickled weights can run code when loaded; convert the checkpoint "
+            "to safetensors, or pass --allow-pickle to load it with weights_only=True"
+        )
+    logger.warning("Loading pickled weights from %s with weights_only=True", files[0].parent)
+    entries = []
+    for file in files:
+        state = _load_pickle(file)
+        for position, (name, tensor) in enumerate(state.items()):
+            entries.append(
+                TensorInfo(
+                    name=name,
+                    shape=tuple(tensor.shape),
+                    dtype=tensor.dtype,
+                    file=file,
+                    offset=position,
+                    nbytes=tensor.numel() * tensor.element_size(),
+                )
+            )
+    return _ordered(entries)

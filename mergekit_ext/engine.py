@@ -1,0 +1,455 @@
+"""The merge engine: plan a recipe, stream tensors through a kernel, write the output.
+
+Planning checks every input before anything is written: tensor names, shapes,
+vocabulary sizes, parameters and free disk space. The merge then walks the base
+model's tensors in file order. A small thread pool reads the next tensors while the
+current one is merged, so at most `prefetch` tensors per input are in memory beside
+the one being merged: peak memory stays near (inputs + 1 + prefetch × inputs) times
+the largest tensor, whatever the model size.
+"""
+
+from __future__ import annotations
+
+import logging
+import resource
+import sys
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mergekit_ext import __version__
+from mergekit_ext.checkpoint import CardInput, Checkpoint, ModelCard, PlannedTensor, StreamingWriter
+from mergekit_ext.checkpoint.card import license_of
+from mergekit_ext.checkpoint.files import copy_config, copy_tokenizer, parse_dtype
+from mergekit_ext.checkpoint.writer import DEFAULT_SHARD_SIZE, check_output_folder
+from mergekit_ext.device import resolve_device
+from mergekit_ext.errors import IncompatibleModelsError, InvalidTensorError, RecipeError
+from mergekit_ext.methods import get_method
+from mergekit_ext.methods.base import MergeMethod, TensorMergeInput
+from mergekit_ext.recipe import ModelEntry, Recipe, layer_index, layer_position, resolve_value
+
+logger = logging.getLogger(__name__)
+
+ProgressCallback = Callable[[int, int, str], None]
+
+# Name fragments of tensors whose first dimension is the vocabulary.
+VOCABULARY_TENSORS = ("embed_tokens", "lm_head", "wte", "word_embeddings", "embed_in", "embed_out", "token_embedding")
+
+
+@dataclass
+class MergeOptions:
+    """How to run a recipe: where to write and the safety switches."""
+
+    output: Path
+    seed: int = 0
+    device: str = "auto"
+    shard_size: int = DEFAULT_SHARD_SIZE
+    force: bool = False
+    allow_pickle: bool = False
+    truncate_vocab: bool = False
+    prefetch: int = 2
+    read_threads: int = 4
+    tokenizer_from: Path | None = None
+    recipe_path: Path | None = None
+
+
+@dataclass
+class MergeReport:
+    """What a finished merge did, for the one-line summary and for tests."""
+
+    output: Path
+    tensors: int
+    bytes_written: int
+    seconds: float
+    peak_rss_bytes: int
+    input_hashes: dict[str, str] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        return (
+            f"Merged {self.tensors} tensors into {self.output}: {self.bytes_written / 1e9:.3f} GB "
+            f"written in {self.seconds:.1f} s, peak memory {self.peak_rss_bytes / 1e9:.2f} GB"
+        )
+
+
+@dataclass
+class _TensorPlan:
+    name: str
+    shape: tuple[int, ...]
+    out_dtype: torch.dtype
+    mergeable: bool
+    model_parameters: list[dict[str, float]]
+    parameters: dict[str, float]
+    truncate_rows: int | None = None
+
+
+@dataclass
+class _Inputs:
+    base: Checkpoint | None
+    models: list[Checkpoint]
+    reference: Checkpoint  # the checkpoint whose tensor names and order define the output
+
+
+def run_recipe(recipe: Recipe, options: MergeOptions, progress: ProgressCallback | None = None) -> MergeReport:
+    """Merge the models of `recipe` into `options.output` and return a report."""
+    started = time.perf_counter()
+    method = get_method(recipe.merge_method)
+    check_output_folder(options.output, _input_paths(recipe), options.force)
+    inputs = _open_inputs(recipe, method, options)
+    device = resolve_device(options.device)
+    out_dtype = parse_dtype(recipe.out_dtype or recipe.dtype)
+    plan = _plan(recipe, method, inputs, out_dtype, options.truncate_vocab)
+
+    checkpoints = [c for c in [inputs.base, *inputs.models] if c is not None]
+    writer_plan = [PlannedTensor(p.name, p.shape, p.out_dtype) for p in plan]
+    logger.info(
+        "Merging %d tensors of %d inputs with %s on %s", len(plan), len(checkpoints), method.name, device
+    )
+    with StreamingWriter(
+        options.output,
+        writer_plan,
+        shard_size=options.shard_size,
+        force=options.force,
+        inputs=[c.path for c in checkpoints],
+        metadata={"mergekit_ext_version": __version__, "merge_method": method.name},
+    ) as writer:
+        _stream(plan, inputs, method, writer, device, options, progress)
+        hashes = {str(c.path): c.sha256() for c in checkpoints}
+        _write_side_files(recipe, inputs, writer, out_dtype or _reference_dtype(plan), hashes, options)
+        output = writer.commit()
+
+    report = MergeReport(
+        output=output,
+        tensors=len(plan),
+        bytes_written=writer.bytes_written,
+        seconds=time.perf_counter() - started,
+        peak_rss_bytes=peak_rss_bytes(),
+        input_hashes=hashes,
+    )
+    logger.debug(report.summary())
+    return report
+
+
+def _input_paths(recipe: Recipe) -> list[Path]:
+    paths = [Path(path) for path in recipe.model_paths()]
+    if recipe.base_model:
+        paths.append(Path(recipe.base_model))
+    return [path for path in paths if path.exists()]
+
+
+def peak_rss_bytes() -> int:
+    """Return the peak resident memory of this process in bytes."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB
+
+
+def _open_inputs(recipe: Recipe, method: MergeMethod, options: MergeOptions) -> _Inputs:
+    if method.requires_base and not recipe.base_model:
+        raise RecipeError(f"method {method.name!r} needs a base model: set 'base_model' (or --base)")
+    base = Checkpoint.open(recipe.base_model, allow_pickle=options.allow_pickle) if recipe.base_model else None
+    model_paths = recipe.model_paths()
+    if not model_paths:
+        raise RecipeError("the recipe lists no models to merge: add entries under 'models' (or --models)")
+    models = [Checkpoint.open(path, allow_pickle=options.allow_pickle) for path in model_paths]
+    return _Inputs(base=base, models=models, reference=base or models[0])
+
+
+def _model_entries(recipe: Recipe) -> list[ModelEntry]:
+    return [entry for entry in recipe.models if entry.model != recipe.base_model]
+
+
+def _plan(
+    recipe: Recipe,
+    method: MergeMethod,
+    inputs: _Inputs,
+    out_dtype: torch.dtype | None,
+    truncate_vocab: bool,
+) -> list[_TensorPlan]:
+    _check_parameter_names(recipe, method)
+    _check_vocabulary_configs(inputs, truncate_vocab)
+    num_layers = _num_layers(inputs.reference)
+    entries = _model_entries(recipe)
+    plan = []
+    for name in inputs.reference.names:
+        info = inputs.reference.info(name)
+        truncate_rows = _check_tensor(name, info.shape, inputs, truncate_vocab)
+        mergeable = info.dtype.is_floating_point
+        t = layer_position(name, num_layers)
+        model_parameters = [
+            _resolve_parameters(method, [entry.parameters, recipe.parameters], name, t, per_model=True)
+            for entry in entries
+        ]
+        parameters = _resolve_parameters(method, [recipe.parameters], name, t, per_model=False)
+        dtype = (out_dtype or info.dtype) if mergeable else info.dtype
+        plan.append(
+            _TensorPlan(
+                name=name,
+                shape=info.shape,
+                out_dtype=dtype,
+                mergeable=mergeable,
+                model_parameters=model_parameters,
+                parameters=parameters,
+                truncate_rows=truncate_rows,
+            )
+        )
+    return plan
+
+
+def _check_parameter_names(recipe: Recipe, method: MergeMethod) -> None:
+    per_model = {spec.name for spec in method.parameters if spec.per_model}
+    known = {spec.name for spec in method.parameters}
+    for key in recipe.parameters:
+        if key not in known:
+            raise RecipeError(
+                f"parameter {key!r} is not accepted by {method.name!r}; accepted: {', '.join(sorted(known)) or 'none'}"
+            )
+    for entry in _model_entries(recipe):
+        for key in entry.parameters:
+            if key not in per_model:
+                raise RecipeError(
+                    f"models[{entry.model}].parameters.{key}: not a per-model parameter of {method.name!r}; "
+                    f"per-model parameters: {', '.join(sorted(per_model)) or 'none'}"
+                )
+
+
+def _resolve_parameters(
+    method: MergeMethod,
+    sources: Sequence[dict[str, Any]],
+    name: str,
+    t: float,
+    per_model: bool,
+) -> dict[str, float]:
+    """Resolve the method's parameters for one tensor; the first source that sets a value wins.
+
+    Per-model parameters look in the model entry, then in the top-level parameters (as
+    mergekit does), then take the method default.
+    """
+    resolved: dict[str, float] = {}
+    for spec in method.parameters:
+        if spec.per_model != per_model:
+            continue
+        value = None
+        for source in sources:
+            if spec.name in source:
+                value = resolve_value(source[spec.name], name, t, spec.name)
+                if value is not None:
+                    break
+        if value is None:
+            value = spec.default
+        if value is None:
+            raise RecipeError(f"method {method.name!r} needs parameter {spec.name!r} ({spec.description})")
+        resolved[spec.name] = value
+    return resolved
+
+
+def _num_layers(checkpoint: Checkpoint) -> int:
+    config = checkpoint.config or {}
+    for key in ("num_hidden_layers", "n_layer", "num_layers"):
+        if isinstance(config.get(key), int):
+            return config[key]
+    indices = [layer_index(name) for name in checkpoint.names]
+    known = [index for index in indices if index is not None]
+    return max(known) + 1 if known else 1
+
+
+def _check_vocabulary_configs(inputs: _Inputs, truncate_vocab: bool) -> None:
+    reference_size = (inputs.reference.config or {}).get("vocab_size")
+    for model in [inputs.base, *inputs.models]:
+        if model is None or model is inputs.reference:
+            continue
+        size = (model.config or {}).get("vocab_size")
+        if reference_size and size and size != reference_size and not truncate_vocab:
+            raise IncompatibleModelsError(
+                f"vocabulary size mismatch: {inputs.reference.path} has {reference_size} tokens and "
+                f"{model.path} has {size}; pass --truncate-vocab to cut every vocabulary to the base's size"
+            )
+
+
+def _check_tensor(name: str, shape: tuple[int, ...], inputs: _Inputs, truncate_vocab: bool) -> int | None:
+    truncate_rows = None
+    for model in [inputs.base, *inputs.models]:
+        if model is None or model is inputs.reference:
+            continue
+        if name not in model:
+            raise IncompatibleModelsError(
+                f"tensor {name!r} is in {inputs.reference.path} but missing in {model.path}; "
+                "all models must share the base's architecture"
+            )
+        other = model.info(name).shape
+        if other == shape:
+            continue
+        is_vocabulary = any(part in name for part in VOCABULARY_TENSORS)
+        if is_vocabulary and len(other) == len(shape) and other[1:] == shape[1:]:
+            if not truncate_vocab:
+                raise IncompatibleModelsError(
+                    f"vocabulary size mismatch in {name!r}: {shape[0]} rows in {inputs.reference.path}, "
+                    f"{other[0]} in {model.path}; pass --truncate-vocab to cut to the base's vocabulary"
+                )
+            if other[0] < shape[0]:
+                raise IncompatibleModelsError(
+                    f"cannot truncate {name!r}: {model.path} has {other[0]} rows, fewer than the "
+                    f"base's {shape[0]}; use the model with the smaller vocabulary as the base"
+                )
+            truncate_rows = shape[0]
+            continue
+        raise IncompatibleModelsError(
+            f"shape mismatch in {name!r}: {tuple(shape)} in {inputs.reference.path} but "
+            f"{tuple(other)} in {model.path}"
+        )
+    return truncate_rows
+
+
+def _load_group(item: _TensorPlan, inputs: _Inputs, device: torch.device) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+    def load(checkpoint: Checkpoint) -> torch.Tensor:
+        tensor = checkpoint.load(item.name)
+        if item.truncate_rows is not None:
+            tensor = tensor[: item.truncate_rows]
+        if not item.mergeable:
+            return tensor
+        tensor = tensor.to(device=device, dtype=torch.float32)
+        if not torch.isfinite(tensor).all():
+            raise InvalidTensorError(
+                f"tensor {item.name!r} in {checkpoint.path} contains NaN or Inf values; "
+                "repair or re-export that checkpoint"
+            )
+        return tensor
+
+    base = load(inputs.base) if inputs.base is not None else None
+    return base, [load(model) for model in inputs.models]
+
+
+def _stream(
+    plan: Sequence[_TensorPlan],
+    inputs: _Inputs,
+    method: MergeMethod,
+    writer: StreamingWriter,
+    device: torch.device,
+    options: MergeOptions,
+    progress: ProgressCallback | None,
+) -> None:
+    window = max(1, options.prefetch)
+    with ThreadPoolExecutor(max_workers=max(1, options.read_threads)) as pool:
+        pending: deque[tuple[_TensorPlan, Future[Any]]] = deque()
+        queue = iter(plan)
+        for item in queue:
+            pending.append((item, pool.submit(_load_group, item, inputs, device)))
+            if len(pending) >= window:
+                break
+        done = 0
+        while pending:
+            item, future = pending.popleft()
+            next_item = next(queue, None)
+            if next_item is not None:
+                pending.append((next_item, pool.submit(_load_group, next_item, inputs, device)))
+            base, models = future.result()
+            writer.write(item.name, _merge_one(item, base, models, method, options.seed))
+            done += 1
+            if progress is not None:
+                progress(done, len(plan), item.name)
+
+
+def _merge_one(
+    item: _TensorPlan,
+    base: torch.Tensor | None,
+    models: list[torch.Tensor],
+    method: MergeMethod,
+    seed: int,
+) -> torch.Tensor:
+    if not item.mergeable:
+        # Integer buffers (position ids, masks) are copied from the base model.
+        return (base if base is not None else models[0]).clone()
+    merged = method.merge(
+        TensorMergeInput(
+            name=item.name,
+            base=base,
+            models=models,
+            model_parameters=item.model_parameters,
+            parameters=item.parameters,
+            seed=seed,
+        )
+    )
+    return merged.to(dtype=item.out_dtype)
+
+
+def _reference_dtype(plan: Sequence[_TensorPlan]) -> torch.dtype:
+    for item in plan:
+        if item.mergeable:
+            return item.out_dtype
+    return torch.float32
+
+
+def _write_side_files(
+    recipe: Recipe,
+    inputs: _Inputs,
+    writer: StreamingWriter,
+    dtype: torch.dtype,
+    hashes: dict[str, str],
+    options: MergeOptions,
+) -> None:
+    reference_folder = inputs.reference.folder
+    copy_config(writer, reference_folder, dtype)
+    tokenizer_folder = _tokenizer_folder(recipe, inputs, options)
+    copy_tokenizer(writer, tokenizer_folder)
+    writer.write_text("merge_recipe.yaml", recipe.to_yaml())
+
+    card_inputs = []
+    for checkpoint in [inputs.base, *inputs.models]:
+        if checkpoint is None:
+            continue
+        role = "base" if checkpoint is inputs.base else "model"
+        card_inputs.append(CardInput(name=checkpoint.folder.name, sha256=hashes[str(checkpoint.path)], role=role))
+    card = ModelCard(
+        title=recipe.name or f"{recipe.merge_method} merge",
+        method=recipe.merge_method,
+        inputs=card_inputs,
+        parameters=_card_parameters(recipe),
+        seed=options.seed,
+        license=license_of(reference_folder),
+    )
+    writer.write_text("README.md", card.render())
+
+
+def _tokenizer_folder(recipe: Recipe, inputs: _Inputs, options: MergeOptions) -> Path:
+    if options.tokenizer_from is not None:
+        return Path(options.tokenizer_from)
+    source = recipe.tokenizer_source
+    if source in (None, "base"):
+        return inputs.reference.folder
+    if source == "union":
+        raise RecipeError("tokenizer_source 'union' is not supported; use 'base' or a model path")
+    folder = Path(source)
+    if not folder.is_dir():
+        raise RecipeError(f"tokenizer_source {source!r} is not a folder; use 'base' or a model folder")
+    return folder
+
+
+def _card_parameters(recipe: Recipe) -> dict[str, Any]:
+    # Model entries appear by folder name so the card carries no local paths.
+    models = [
+        {"model": Path(entry.model).name, **({"parameters": entry.parameters} if entry.parameters else {})}
+        for entry in _model_entries(recipe)
+    ]
+    data: dict[str, Any] = {}
+    if recipe.base_model:
+        data["base_model"] = Path(recipe.base_model).name
+    data["models"] = models
+    if recipe.parameters:
+        data["parameters"] = recipe.parameters
+    if recipe.dtype or recipe.out_dtype:
+        data["dtype"] = recipe.out_dtype or recipe.dtype
+    return _plain(data)
+
+
+def _plain(value: Any) -> Any:
+    if hasattr(value, "model_dump"):
+        return _plain(value.model_dump(exclude_none=True))
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_plain(item) for item in value]
+    return value
