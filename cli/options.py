@@ -9,19 +9,25 @@ import click
 
 
 class GreedyCommand(click.Command):
-    """A command whose listed options take every value up to the next option.
+    """A command whose `multiple` options named in `greedy_parameters` take every value up to the next option.
 
     `--models a b c` becomes `--models a --models b --models c` before Click parses it, so
     the option is declared with `multiple=True` and may also be repeated.
     """
 
-    greedy_options: tuple[str, ...] = ("--models", "--weights", "--density", "--heads", "--task-names")
+    greedy_parameters: tuple[str, ...] = ("models", "weights", "density", "heads", "task_names")
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        greedy_flags = {
+            flag
+            for parameter in self.params
+            if isinstance(parameter, click.Option) and parameter.multiple and parameter.name in self.greedy_parameters
+            for flag in parameter.opts
+        }
         expanded: list[str] = []
         active: str | None = None
         for arg in args:
-            if arg in self.greedy_options:
+            if arg in greedy_flags:
                 active = arg
                 continue
             if arg.startswith("-") and not _is_number(arg):

@@ -122,14 +122,47 @@ def write_tiny_checkpoint(
             architecture, seed=seed, num_layers=num_layers, hidden=hidden, vocab_size=vocab_size, dtype=dtype
         )
     save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
-    config = {
-        "architectures": [{"llama": "LlamaForCausalLM", "gpt2": "GPT2Model", "bert": "BertModel"}[architecture]],
-        "model_type": architecture,
-        "num_hidden_layers": num_layers,
-        "hidden_size": hidden,
-        "vocab_size": vocab_size,
-        "torch_dtype": str(dtype).removeprefix("torch."),
-    }
+    config = _config(architecture, num_layers, hidden, vocab_size)
+    config["torch_dtype"] = str(dtype).removeprefix("torch.")
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     (folder / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 16}) + "\n")
     return folder
+
+
+def _config(architecture: str, num_layers: int, hidden: int, vocab_size: int) -> dict[str, object]:
+    # Complete enough for transformers' AutoConfig and mergekit's architecture detection.
+    if architecture == "llama":
+        return {
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "hidden_size": hidden,
+            "intermediate_size": hidden * 2,
+            "num_hidden_layers": num_layers,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 2,
+            "vocab_size": vocab_size,
+            "max_position_embeddings": 64,
+            "rms_norm_eps": 1e-6,
+            "tie_word_embeddings": False,
+        }
+    if architecture == "gpt2":
+        return {
+            "architectures": ["GPT2Model"],
+            "model_type": "gpt2",
+            "n_embd": hidden,
+            "n_layer": num_layers,
+            "n_head": 2,
+            "n_positions": 16,
+            "vocab_size": vocab_size,
+        }
+    return {
+        "architectures": ["BertModel"],
+        "model_type": "bert",
+        "hidden_size": hidden,
+        "intermediate_size": hidden * 2,
+        "num_hidden_layers": num_layers,
+        "num_attention_heads": 2,
+        "max_position_embeddings": 16,
+        "type_vocab_size": 0,
+        "vocab_size": vocab_size,
+    }

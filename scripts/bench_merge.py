@@ -1,0 +1,177 @@
+"""Benchmark: mergekit-ext against mergekit 0.1.5 on TIES and task arithmetic.
+
+Writes a base and four fine-tuned checkpoints of a Qwen2-0.5B-shaped model (random
+weights, bf16, about 1 GB each) to a temporary folder once, then runs each merge with
+`merge run` and with `mergekit-yaml` on the same recipe, alternating the two tools,
+each in its own process measured by GNU time (wall seconds, peak RSS). It also times
+a plain sequential read of the input files, the disk's limit for any merge.
+
+Run: python scripts/bench_merge.py [--repeats 2] [--workdir DIR] [--drop-caches]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+# Qwen2-0.5B shapes: hidden 896, 24 layers, 14 query heads and 2 key/value heads of 64.
+HIDDEN = 896
+LAYERS = 24
+INTERMEDIATE = 4864
+VOCAB = 151936
+KV = 128
+
+
+def qwen2_shapes() -> dict[str, tuple[int, ...]]:
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (VOCAB, HIDDEN)}
+    for layer in range(LAYERS):
+        prefix = f"model.layers.{layer}"
+        shapes[f"{prefix}.self_attn.q_proj.weight"] = (HIDDEN, HIDDEN)
+        shapes[f"{prefix}.self_attn.q_proj.bias"] = (HIDDEN,)
+        shapes[f"{prefix}.self_attn.k_proj.weight"] = (KV, HIDDEN)
+        shapes[f"{prefix}.self_attn.k_proj.bias"] = (KV,)
+        shapes[f"{prefix}.self_attn.v_proj.weight"] = (KV, HIDDEN)
+        shapes[f"{prefix}.self_attn.v_proj.bias"] = (KV,)
+        shapes[f"{prefix}.self_attn.o_proj.weight"] = (HIDDEN, HIDDEN)
+        shapes[f"{prefix}.mlp.gate_proj.weight"] = (INTERMEDIATE, HIDDEN)
+        shapes[f"{prefix}.mlp.up_proj.weight"] = (INTERMEDIATE, HIDDEN)
+        shapes[f"{prefix}.mlp.down_proj.weight"] = (HIDDEN, INTERMEDIATE)
+        shapes[f"{prefix}.input_layernorm.weight"] = (HIDDEN,)
+        shapes[f"{prefix}.post_attention_layernorm.weight"] = (HIDDEN,)
+    shapes["model.norm.weight"] = (HIDDEN,)
+    return shapes
+
+
+def qwen2_config() -> dict[str, object]:
+    return {
+        "architectures": ["Qwen2ForCausalLM"],
+        "model_type": "qwen2",
+        "hidden_size": HIDDEN,
+        "intermediate_size": INTERMEDIATE,
+        "num_hidden_layers": LAYERS,
+        "num_attention_heads": 14,
+        "num_key_value_heads": 2,
+        "vocab_size": VOCAB,
+        "max_position_embeddings": 32768,
+        "rms_norm_eps": 1e-6,
+        "tie_word_embeddings": True,
+        "torch_dtype": "bfloat16",
+    }
+
+
+def write_models(root: Path, count: int) -> list[Path]:
+    shapes = qwen2_shapes()
+    generator = torch.Generator().manual_seed(0)
+    base_state = {name: (torch.randn(shape, generator=generator) * 0.02).to(torch.bfloat16) for name, shape in shapes.items()}
+    folders = []
+    for index in range(count + 1):
+        folder = root / ("base" if index == 0 else f"model-{index}")
+        folder.mkdir(parents=True)
+        if index == 0:
+            state = base_state
+        else:
+            state = {
+                name: (tensor.float() + torch.randn(tensor.shape, generator=generator) * 0.002).to(torch.bfloat16)
+                for name, tensor in base_state.items()
+            }
+        save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+        (folder / "config.json").write_text(json.dumps(qwen2_config(), indent=2))
+        folders.append(folder)
+        del state
+    return folders
+
+
+def write_recipe(path: Path, method: str, base: Path, models: list[Path]) -> Path:
+    lines = [f"merge_method: {method}", f"base_model: {base}", "models:"]
+    for model in models:
+        lines.append(f"  - model: {model}")
+        lines.append("    parameters:")
+        lines.append("      weight: 0.5")
+        if method == "ties":
+            lines.append("      density: 0.5")
+    lines.append("dtype: bfloat16")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def timed(command: list[str], drop_caches: bool) -> tuple[float, int]:
+    """Run `command` under GNU time; return wall seconds and peak RSS in bytes."""
+    if drop_caches:
+        subprocess.run(["sync"], check=True)
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+    report = Path(tempfile.mkstemp(suffix=".time")[1])
+    started = time.perf_counter()
+    subprocess.run(["/usr/bin/time", "-f", "%M", "-o", str(report), *command], check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    wall = time.perf_counter() - started
+    peak_kib = int(report.read_text().strip().splitlines()[-1])
+    report.unlink()
+    return wall, peak_kib * 1024
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--models", type=int, default=4, help="Fine-tuned checkpoints merged onto the base.")
+    parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument("--drop-caches", action="store_true", help="Drop the page cache before each run (root only).")
+    args = parser.parse_args()
+
+    root = args.workdir or Path(tempfile.mkdtemp(prefix="bench-merge-"))
+    bin_folder = Path(sys.executable).parent
+    try:
+        print(f"Writing {args.models + 1} Qwen2-0.5B-shaped bf16 checkpoints to {root} ...", flush=True)
+        folders = write_models(root / "inputs", args.models)
+        base, models = folders[0], folders[1:]
+        input_bytes = sum((folder / "model.safetensors").stat().st_size for folder in folders)
+
+        results: dict[tuple[str, str], list[tuple[float, int]]] = {}
+        read_times = []
+        for repeat in range(args.repeats):
+            read_times.append(timed(["cat", *(str(f / "model.safetensors") for f in folders)], args.drop_caches)[0])
+            for method in ("ties", "task_arithmetic"):
+                recipe = write_recipe(root / f"{method}.yaml", method, base, models)
+                tools = [
+                    ("mergekit-ext", [str(bin_folder / "merge"), "run", str(recipe), "--output", str(root / "ours"), "--force"]),
+                    ("mergekit", [str(bin_folder / "mergekit-yaml"), str(recipe), str(root / "theirs"), "--no-copy-tokenizer", "--lazy-unpickle"]),
+                ]
+                if repeat % 2:
+                    tools.reverse()  # alternate which tool runs first
+                for tool, command in tools:
+                    shutil.rmtree(root / "theirs", ignore_errors=True)
+                    results.setdefault((method, tool), []).append(timed(command, args.drop_caches))
+
+        plain_read = statistics.median(read_times)
+        print(f"\ninput: {input_bytes / 1e9:.2f} GB in {len(folders)} files; plain sequential read "
+              f"{plain_read:.2f} s ({input_bytes / plain_read / 1e9:.2f} GB/s); caches dropped: {args.drop_caches}")
+        print(f"{'method':<16}{'tool':<14}{'wall s':>9}{'peak RSS GB':>13}{'read GB/s':>11}")
+        for method in ("ties", "task_arithmetic"):
+            for tool in ("mergekit-ext", "mergekit"):
+                wall = statistics.median(r[0] for r in results[(method, tool)])
+                peak = max(r[1] for r in results[(method, tool)])
+                print(f"{method:<16}{tool:<14}{wall:>9.2f}{peak / 1e9:>13.2f}{input_bytes / wall / 1e9:>11.2f}")
+            ours = statistics.median(r[0] for r in results[(method, "mergekit-ext")])
+            theirs = statistics.median(r[0] for r in results[(method, "mergekit")])
+            ours_peak = max(r[1] for r in results[(method, "mergekit-ext")])
+            theirs_peak = max(r[1] for r in results[(method, "mergekit")])
+            print(f"  {method}: wall-time ratio mergekit/mergekit-ext = {theirs / ours:.2f}x, "
+                  f"peak-RSS ratio mergekit/mergekit-ext = {theirs_peak / ours_peak:.2f}x, "
+                  f"mergekit-ext time / plain read = {ours / plain_read:.2f}x")
+    finally:
+        if args.workdir is None:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,124 @@
+"""The `merge` command line: help, version, per-method commands and error handling."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+from mergekit_ext import __version__
+from mergekit_ext.cli.main import COMMANDS, cli
+
+ModelFactory = Callable[..., list[Path]]
+
+
+def invoke(*args: str) -> object:
+    return CliRunner().invoke(cli, list(args), catch_exceptions=False)
+
+
+def test_help_lists_every_command() -> None:
+    result = invoke("--help")
+    assert result.exit_code == 0
+    for name, (_, _, description) in COMMANDS.items():
+        assert name in result.output
+        assert description[:20] in result.output
+
+
+def test_version() -> None:
+    result = invoke("--version")
+    assert result.exit_code == 0
+    assert __version__ in result.output
+
+
+def test_ties_command_with_greedy_models(tiny_models: ModelFactory, tmp_path: Path) -> None:
+    base, first, second, third = tiny_models(4)
+    out = tmp_path / "out"
+    result = invoke(
+        "ties", "--base", str(base), "--models", str(first), str(second), "--models", str(third),
+        "--density", "0.5", "--weights", "1", "0.5", "0.25", "--output", str(out),
+    )
+    assert result.exit_code == 0, result.output
+    assert "Merged" in result.output
+    recipe = (out / "merge_recipe.yaml").read_text()
+    assert recipe.count("- model:") == 3
+    assert "weight: 0.25" in recipe
+    config = json.loads((out / "config.json").read_text())
+    assert config["torch_dtype"] == "float32"
+
+
+def test_dtype_option_casts_output(tiny_models: ModelFactory, tmp_path: Path) -> None:
+    base, first, second = tiny_models(3)
+    out = tmp_path / "out"
+    result = invoke("task-arithmetic", "-b", str(base), "-m", str(first), str(second), "--dtype", "bfloat16", "-o", str(out))
+    assert result.exit_code == 0, result.output
+    state = load_file(str(out / "model.safetensors"))
+    assert all(tensor.dtype == torch.bfloat16 for tensor in state.values())
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
+
+
+def test_user_error_exits_2_with_one_line(tiny_models: ModelFactory, tmp_path: Path) -> None:
+    base, first, second = tiny_models(3)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "x").write_text("x")
+    result = CliRunner().invoke(cli, ["ties", "-b", str(base), "-m", str(first), str(second), "-o", str(out)])
+    assert result.exit_code == 2
+    error_lines = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert len(error_lines) == 1
+    assert "--force" in error_lines[0]
+    assert "Traceback" not in result.output
+
+
+def test_debug_shows_the_exception(tiny_models: ModelFactory, tmp_path: Path) -> None:
+    from mergekit_ext.errors import OutputError
+
+    base, first, second = tiny_models(3)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "x").write_text("x")
+    result = CliRunner().invoke(cli, ["--debug", "ties", "-b", str(base), "-m", str(first), str(second), "-o", str(out)])
+    assert isinstance(result.exception, OutputError)
+
+
+def test_weights_count_must_match_models(tiny_models: ModelFactory, tmp_path: Path) -> None:
+    base, first, second = tiny_models(3)
+    result = CliRunner().invoke(
+        cli, ["ties", "-b", str(base), "-m", str(first), str(second), "--weights", "1", "2", "3", "-o", str(tmp_path / "o")]
+    )
+    assert result.exit_code == 2
+    assert "--weights got 3 values for 2 models" in result.output
+
+
+def test_run_command_with_recipe(tiny_models: ModelFactory, tmp_path: Path) -> None:
+    base, first, second = tiny_models(3)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        f"merge_method: dare_ties\nbase_model: {base}\nmodels:\n  - model: {first}\n  - model: {second}\n"
+        "parameters:\n  density: 0.5\n"
+    )
+    out_a, out_b = tmp_path / "a", tmp_path / "b"
+    assert invoke("--seed", "7", "run", str(recipe), "-o", str(out_a)).exit_code == 0
+    assert invoke("--seed", "7", "run", str(recipe), "-o", str(out_b)).exit_code == 0
+    first_run = load_file(str(out_a / "model.safetensors"))
+    second_run = load_file(str(out_b / "model.safetensors"))
+    for name in first_run:
+        assert torch.equal(first_run[name], second_run[name]), name
+
+
+def test_invalid_device(tiny_models: ModelFactory, tmp_path: Path) -> None:
+    base, first, second = tiny_models(3)
+    result = CliRunner().invoke(cli, ["--device", "tpu", "ties", "-b", str(base), "-m", str(first), str(second), "-o", str(tmp_path / "o")])
+    assert result.exit_code == 2
+    assert "invalid device 'tpu'" in result.output
+
+
+def test_inspect_lists_tensors(tiny_models: ModelFactory) -> None:
+    (model,) = tiny_models(1)
+    result = invoke("inspect", str(model), "--limit", "0")
+    assert result.exit_code == 0
+    assert "model.layers.1.mlp.down_proj.weight" in result.output

@@ -1,0 +1,155 @@
+"""The engine checks every input before writing and leaves no output behind on failure."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from mergekit_ext.engine import MergeOptions, run_recipe
+from mergekit_ext.errors import (
+    CheckpointError,
+    IncompatibleModelsError,
+    InvalidTensorError,
+    OutputError,
+    RecipeError,
+)
+from mergekit_ext.recipe import parse_recipe
+
+from .conftest import leftover_partials
+
+ModelFactory = Callable[..., list[Path]]
+
+
+def ties_recipe(base: Path, models: list[Path], **parameters: object) -> object:
+    return parse_recipe(
+        {
+            "merge_method": "ties",
+            "base_model": str(base),
+            "models": [{"model": str(path)} for path in models],
+            "parameters": {"density": 0.5, **parameters},
+        }
+    )
+
+
+def edit_tensor(folder: Path, name: str, value: torch.Tensor | None) -> None:
+    state = load_file(str(folder / "model.safetensors"))
+    if value is None:
+        del state[name]
+    else:
+        state[name] = value
+    save_file(state, str(folder / "model.safetensors"))
+
+
+def assert_no_output(tmp_path: Path) -> None:
+    assert not (tmp_path / "out").exists()
+    assert leftover_partials(tmp_path) == []
+
+
+def test_missing_tensor_is_named(tiny_models: ModelFactory, tmp_path: Path) -> None:
+    base, first, second = tiny_models(3)
+    edit_tensor(second, "model.layers.1.mlp.up_proj.weight", None)
+    with pytest.raises(IncompatibleModelsError) as error:
+        run_recipe(ties_recipe(base, [first, second]), MergeOptions(output=tmp_path / "out"))
+    assert "model.layers.1.mlp.up_proj.weight" in str(error.value)
+    assert str(second) in str(error.value)
+    assert_no_output(tmp_path)
+
+
+def test_shape_mismatch_names_both_shapes(tiny_models: ModelFactory, tmp_path: Path) -> None:
+    base, first, second = tiny_models(3)
+    edit_tensor(first, "model.layers.0.mlp.up_proj.weight", torch.zeros(8, 16))
+    with pytest.raises(IncompatibleModelsError) as error:
+        run_recipe(ties_recipe(base, [first, second]), MergeOptions(output=tmp_path / "out"))
+    message = str(error.value)
+    assert "(32, 16)" in message
+    assert "(8, 16)" in message
+    assert_no_output(tmp_path)
+
+
+def test_vocabulary_mismatch_and_truncation(tmp_path: Path) -> None:
+    from mergekit_ext.tiny import write_tiny_checkpoint
+
+    base = write_tiny_checkpoint(tmp_path / "base", seed=0, vocab_size=32)
+    bigger = write_tiny_checkpoint(tmp_path / "bigger", seed=1, vocab_size=40)
+    recipe = parse_recipe(
+        {"merge_method": "task_arithmetic", "base_model": str(base), "models": [{"model": str(bigger)}]}
+    )
+    with pytest.raises(IncompatibleModelsError, match="--truncate-vocab") as error:
+        run_recipe(recipe, MergeOptions(output=tmp_path / "out"))
+    assert "32" in str(error.value) and "40" in str(error.value)
+    assert_no_output(tmp_path)
+
+    run_recipe(recipe, MergeOptions(output=tmp_path / "out", truncate_vocab=True))
+    merged = load_file(str(tmp_path / "out" / "model.safetensors"))
+    bigger_state = load_file(str(bigger / "model.safetensors"))
+    name = "model.embed_tokens.weight"
+    assert merged[name].shape == (32, 16)
+    assert torch.allclose(merged[name], bigger_state[name][:32], atol=1e-7)
+    assert torch.allclose(merged["lm_head.weight"], bigger_state["lm_head.weight"][:32], atol=1e-7)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_input_is_named(tiny_models: ModelFactory, tmp_path: Path, bad: float) -> None:
+    base, first, second = tiny_models(3)
+    value = torch.zeros(16)
+    value[3] = bad
+    edit_tensor(second, "model.norm.weight", value)
+    with pytest.raises(InvalidTensorError) as error:
+        run_recipe(ties_recipe(base, [first, second]), MergeOptions(output=tmp_path / "out"))
+    assert "model.norm.weight" in str(error.value)
+    assert str(second) in str(error.value)
+    assert_no_output(tmp_path)
+
+
+def test_existing_output_needs_force(tiny_models: ModelFactory, tmp_path: Path) -> None:
+    base, first, second = tiny_models(3)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    with pytest.raises(OutputError, match="--force"):
+        run_recipe(ties_recipe(base, [first, second]), MergeOptions(output=out))
+    assert (out / "notes.txt").read_text() == "keep me"
+    run_recipe(ties_recipe(base, [first, second]), MergeOptions(output=out, force=True))
+    assert (out / "model.safetensors").exists()
+    assert not (out / "notes.txt").exists()
+
+
+def test_output_equal_to_input_is_refused(tiny_models: ModelFactory, tmp_path: Path) -> None:
+    base, first, second = tiny_models(3)
+    before = (first / "model.safetensors").read_bytes()
+    with pytest.raises(OutputError, match="overlaps the input"):
+        run_recipe(ties_recipe(base, [first, second]), MergeOptions(output=first, force=True))
+    assert (first / "model.safetensors").read_bytes() == before
+
+
+def test_inputs_are_never_modified(tiny_models: ModelFactory, tmp_path: Path) -> None:
+    models = tiny_models(3)
+    before = {path: (path / "model.safetensors").read_bytes() for path in models}
+    run_recipe(ties_recipe(models[0], models[1:]), MergeOptions(output=tmp_path / "out"))
+    for path, data in before.items():
+        assert (path / "model.safetensors").read_bytes() == data
+
+
+def test_unknown_parameter_names_the_key(tiny_models: ModelFactory, tmp_path: Path) -> None:
+    base, first, second = tiny_models(3)
+    with pytest.raises(RecipeError, match="'densty'"):
+        run_recipe(ties_recipe(base, [first, second], densty=0.3), MergeOptions(output=tmp_path / "out"))
+    assert_no_output(tmp_path)
+
+
+def test_missing_base_for_ties(tiny_models: ModelFactory, tmp_path: Path) -> None:
+    _, first, second = tiny_models(3)
+    recipe = parse_recipe({"merge_method": "ties", "models": [{"model": str(first)}, {"model": str(second)}]})
+    with pytest.raises(RecipeError, match="needs a base model"):
+        run_recipe(recipe, MergeOptions(output=tmp_path / "out"))
+
+
+def test_missing_model_folder(tiny_models: ModelFactory, tmp_path: Path) -> None:
+    base, first, _ = tiny_models(3)
+    with pytest.raises(CheckpointError, match="not found"):
+        run_recipe(ties_recipe(base, [first, tmp_path / "absent"]), MergeOptions(output=tmp_path / "out"))
+    assert_no_output(tmp_path)
