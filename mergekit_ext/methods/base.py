@@ -17,12 +17,20 @@ import torch
 
 @dataclass(frozen=True)
 class ParameterSpec:
-    """A parameter a method accepts, with its default (None: required)."""
+    """A parameter a method accepts, with its default (None: required).
+
+    A flag (`is_flag`) is a boolean passed as 0.0 (off) or 1.0 (on), because
+    `TensorMergeInput` carries numbers only. `minimum` and `maximum` bound the
+    accepted values (inclusive) where the method needs a range.
+    """
 
     name: str
     default: float | None
     per_model: bool
     description: str
+    is_flag: bool = False
+    minimum: float | None = None
+    maximum: float | None = None
 
 
 @dataclass(frozen=True)
@@ -38,11 +46,16 @@ class TensorMergeInput:
 
 
 class MergeMethod(Protocol):
-    """A merge method as the engine and the CLI see it."""
+    """A merge method as the engine and the CLI see it.
+
+    `description` states in one or two sentences what the method computes and
+    how it treats the base model.
+    """
 
     name: str
     requires_base: bool
     parameters: tuple[ParameterSpec, ...]
+    description: str
 
     def merge(self, inputs: TensorMergeInput) -> torch.Tensor:
         """Merge one tensor; inputs and result are float32."""

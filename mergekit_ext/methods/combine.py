@@ -1,0 +1,75 @@
+"""Weighted combination of (sparsified) task vectors shared by TA, TIES and DARE.
+
+The sum runs model by model, so memory stays at a few tensors whatever the number
+of models. Task vectors are recomputed from the inputs and their boolean masks
+instead of being stored.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from mergekit_ext.methods.consensus import agreement_mask, elected_sign
+from mergekit_ext.methods.sparsify import apply_mask
+
+# Without sign consensus, a weight sum this close to zero is replaced by 1 instead
+# of dividing by it (mergekit 0.1.5 uses the same threshold).
+WEIGHT_SUM_EPSILON = 1e-8
+
+
+def merge_task_vectors(
+    base: torch.Tensor,
+    models: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    masks: Sequence[torch.Tensor | None],
+    scales: Sequence[torch.Tensor | None],
+    *,
+    sign_consensus: bool,
+    normalize: bool,
+    scaling: float,
+) -> torch.Tensor:
+    """Add scaling * (sum of w_i * masked task vector_i) to the base, optionally normalized.
+
+    With sign consensus, only entries agreeing with the elected sign count, and the
+    normalizing divisor is the sum of w_i over those entries (zeros replaced by 1).
+    Without it, the divisor is the plain weight sum.
+    """
+    if not models:
+        return base.clone()
+
+    def weighted_task_vector(index: int) -> torch.Tensor:
+        delta = apply_mask(models[index].float() - base, masks[index], scales[index])
+        return delta * weights[index]
+
+    sign: torch.Tensor | None = None
+    if sign_consensus:
+        weighted_sum = torch.zeros_like(base)
+        for index in range(len(models)):
+            weighted_sum += weighted_task_vector(index)
+        sign = elected_sign(weighted_sum)
+        del weighted_sum
+
+    mixed = torch.zeros_like(base)
+    divisor: torch.Tensor | float
+    if sign is not None:
+        divisor = torch.zeros_like(base)
+        for index in range(len(models)):
+            weighted = weighted_task_vector(index)
+            agrees = agreement_mask(weighted, sign)
+            mixed += weighted * agrees
+            divisor += weights[index] * agrees
+        divisor[divisor == 0] = 1.0
+    else:
+        for index in range(len(models)):
+            mixed += weighted_task_vector(index)
+        divisor = float(sum(weights))
+        if abs(divisor) < WEIGHT_SUM_EPSILON:
+            divisor = 1.0
+
+    if normalize:
+        mixed /= divisor
+    if scaling != 1.0:
+        mixed *= scaling
+    return base + mixed

@@ -1,0 +1,53 @@
+"""Task arithmetic: base + lambda * sum of weighted task vectors, nothing dropped."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from mergekit_ext.methods.base import ParameterSpec, TensorMergeInput
+from mergekit_ext.methods.combine import merge_task_vectors
+from mergekit_ext.methods.inputs import check_shapes, require_base
+from mergekit_ext.methods.parameters import (
+    INT8_MASK,
+    LAMBDA,
+    WEIGHT,
+    normalize_spec,
+    resolve_parameters,
+)
+
+
+@dataclass(frozen=True)
+class TaskArithmeticMethod:
+    """Task arithmetic (Ilharco et al., 2023) with mergekit 0.1.5 defaults."""
+
+    name: str = "task_arithmetic"
+    requires_base: bool = True
+    parameters: tuple[ParameterSpec, ...] = (
+        WEIGHT,
+        LAMBDA,
+        normalize_spec(False),
+        INT8_MASK,
+    )
+    description: str = (
+        "base + lambda * sum(w_i (x_i - base)), divided by sum(w_i) when normalize "
+        "is on (off by default)."
+    )
+
+    def merge(self, inputs: TensorMergeInput) -> torch.Tensor:
+        """Merge one tensor by adding the weighted task vectors to the base."""
+        base = require_base(self.name, inputs)
+        check_shapes(inputs)
+        resolved = resolve_parameters(self.name, self.parameters, inputs)
+        count = len(inputs.models)
+        return merge_task_vectors(
+            base,
+            inputs.models,
+            resolved.model_values("weight"),
+            masks=[None] * count,
+            scales=[None] * count,
+            sign_consensus=False,
+            normalize=resolved.flag("normalize"),
+            scaling=resolved.shared["lambda"],
+        )
