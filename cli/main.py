@@ -29,7 +29,14 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "tsv": ("merge_commands", "tsv_command", "TSV-M: task singular vectors with orthogonalized bases."),
     "iso-c": ("merge_commands", "iso_c_command", "Iso-C: isotropic spectrum of the summed task vectors."),
     "iso-cts": ("merge_commands", "iso_cts_command", "Iso-CTS: common and task-specific isotropic subspaces."),
+    "demo": ("demo_command", "demo_command", "Compare task arithmetic, TIES, TSV-M and MASS on the text zoo."),
+    "mass": ("mass_command", "mass_command", "MASS: shared TSV-M model plus task subspaces and a data-free router."),
     "inspect": ("inspect_command", "inspect_command", "Show tensors, shapes, dtypes and sizes of a checkpoint."),
+    "evo": ("evo_commands", "evo_group", "Evolutionary merge search of accuracy against generated length (Evo-L2S)."),
+    "zoo": ("zoo_commands", "zoo_group", "Build the offline model zoos (text) into the cache."),
+    "eval": ("eval_command", "eval_command", "Per-task test accuracy of a checkpoint on a model zoo."),
+    "steer": ("steer_commands", "steer_group", "Steering vectors: extract, apply, refusal direction, orthogonalize, abliterate, audit."),
+    "push": ("push_command", "push_command", "Upload an output folder with its model card to the Hugging Face Hub."),
 }
 
 

@@ -3,9 +3,9 @@
 Planning checks every input before anything is written: tensor names, shapes,
 vocabulary sizes, parameters and free disk space. The merge then walks the base
 model's tensors in file order. A small thread pool reads the next tensors while the
-current one is merged, so at most `prefetch` tensors per input are in memory beside
-the one being merged: peak memory stays near (inputs + 1 + prefetch × inputs) times
-the largest tensor, whatever the model size.
+current one is merged. The read-ahead is bounded by count (`prefetch` groups) and by
+bytes (`prefetch_bytes`, float32), so peak memory stays near (inputs + 1) times the
+largest tensor plus that window, whatever the model size.
 """
 
 from __future__ import annotations
@@ -25,13 +25,14 @@ import torch
 
 from mergekit_ext import __version__
 from mergekit_ext.checkpoint import CardInput, Checkpoint, ModelCard, PlannedTensor, StreamingWriter
-from mergekit_ext.checkpoint.card import license_of
+from mergekit_ext.checkpoint.card import hub_id_of, license_of
 from mergekit_ext.checkpoint.files import copy_config, copy_tokenizer, parse_dtype
 from mergekit_ext.checkpoint.writer import DEFAULT_SHARD_SIZE, check_output_folder
 from mergekit_ext.device import resolve_device
 from mergekit_ext.errors import IncompatibleModelsError, InvalidTensorError, RecipeError
 from mergekit_ext.methods import get_method
 from mergekit_ext.methods.base import MergeMethod, TensorMergeInput
+from mergekit_ext.zoo.references import PREFIX, display_name, resolve_model_reference
 from mergekit_ext.recipe import ModelEntry, Recipe, layer_index, layer_position, resolve_value
 
 logger = logging.getLogger(__name__)
@@ -54,6 +55,7 @@ class MergeOptions:
     allow_pickle: bool = False
     truncate_vocab: bool = False
     prefetch: int = 2
+    prefetch_bytes: int = 1 << 30
     read_threads: int = 4
     tokenizer_from: Path | None = None
     recipe_path: Path | None = None
@@ -139,11 +141,18 @@ def _input_paths(recipe: Recipe) -> list[Path]:
     paths = [Path(path) for path in recipe.model_paths()]
     if recipe.base_model:
         paths.append(Path(recipe.base_model))
-    return [path for path in paths if path.exists()]
+    return [path for path in paths if not str(path).startswith(PREFIX) and path.exists()]
 
 
 def peak_rss_bytes() -> int:
     """Return the peak resident memory of this process in bytes."""
+    # VmHWM starts afresh at exec. ru_maxrss does not: it also counts the parent's
+    # memory that a forked child shared before exec, so prefer VmHWM where it exists.
+    status = Path("/proc/self/status")
+    if status.exists():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB
 
@@ -151,11 +160,13 @@ def peak_rss_bytes() -> int:
 def _open_inputs(recipe: Recipe, method: MergeMethod, options: MergeOptions) -> _Inputs:
     if method.requires_base and not recipe.base_model:
         raise RecipeError(f"method {method.name!r} needs a base model: set 'base_model' (or --base)")
-    base = Checkpoint.open(recipe.base_model, allow_pickle=options.allow_pickle) if recipe.base_model else None
+    base = None
+    if recipe.base_model:
+        base = Checkpoint.open(resolve_model_reference(recipe.base_model), allow_pickle=options.allow_pickle)
     model_paths = recipe.model_paths()
     if not model_paths:
         raise RecipeError("the recipe lists no models to merge: add entries under 'models' (or --models)")
-    models = [Checkpoint.open(path, allow_pickle=options.allow_pickle) for path in model_paths]
+    models = [Checkpoint.open(resolve_model_reference(path), allow_pickle=options.allow_pickle) for path in model_paths]
     return _Inputs(base=base, models=models, reference=base or models[0])
 
 
@@ -332,22 +343,35 @@ def _stream(
     options: MergeOptions,
     progress: ProgressCallback | None,
 ) -> None:
-    window = max(1, options.prefetch)
+    input_count = len(inputs.models) + (1 if inputs.base is not None else 0)
+
+    def group_bytes(item: _TensorPlan) -> int:
+        # Inputs are held as float32 once loaded, whatever their stored dtype.
+        count = 1
+        for size in item.shape:
+            count *= size
+        return 4 * count * input_count
+
     with ThreadPoolExecutor(max_workers=max(1, options.read_threads)) as pool:
         pending: deque[tuple[_TensorPlan, Future[Any]]] = deque()
-        queue = iter(plan)
-        for item in queue:
-            pending.append((item, pool.submit(_load_group, item, inputs, device)))
-            if len(pending) >= window:
-                break
+        in_flight = 0
+        position = 0
         done = 0
-        while pending:
+        while done < len(plan):
+            # Read ahead while the window has room, by count and by bytes; the group
+            # about to be merged is always read, however large it is.
+            while position < len(plan) and len(pending) < 1 + options.prefetch:
+                size = group_bytes(plan[position])
+                if pending and in_flight + size > options.prefetch_bytes:
+                    break
+                pending.append((plan[position], pool.submit(_load_group, plan[position], inputs, device)))
+                in_flight += size
+                position += 1
             item, future = pending.popleft()
-            next_item = next(queue, None)
-            if next_item is not None:
-                pending.append((next_item, pool.submit(_load_group, next_item, inputs, device)))
             base, models = future.result()
+            in_flight -= group_bytes(item)
             writer.write(item.name, _merge_one(item, base, models, method, options.seed))
+            del base, models
             done += 1
             if progress is not None:
                 progress(done, len(plan), item.name)
@@ -402,7 +426,14 @@ def _write_side_files(
         if checkpoint is None:
             continue
         role = "base" if checkpoint is inputs.base else "model"
-        card_inputs.append(CardInput(name=checkpoint.folder.name, sha256=hashes[str(checkpoint.path)], role=role))
+        card_inputs.append(
+            CardInput(
+                name=display_name(checkpoint.folder),
+                sha256=hashes[str(checkpoint.path)],
+                role=role,
+                repo_id=hub_id_of(checkpoint.folder),
+            )
+        )
     card = ModelCard(
         title=recipe.name or f"{recipe.merge_method} merge",
         method=recipe.merge_method,
@@ -431,18 +462,24 @@ def _tokenizer_folder(recipe: Recipe, inputs: _Inputs, options: MergeOptions) ->
 def _card_parameters(recipe: Recipe) -> dict[str, Any]:
     # Model entries appear by folder name so the card carries no local paths.
     models = [
-        {"model": Path(entry.model).name, **({"parameters": entry.parameters} if entry.parameters else {})}
+        {"model": _card_model_name(entry.model), **({"parameters": entry.parameters} if entry.parameters else {})}
         for entry in _model_entries(recipe)
     ]
     data: dict[str, Any] = {}
     if recipe.base_model:
-        data["base_model"] = Path(recipe.base_model).name
+        data["base_model"] = _card_model_name(recipe.base_model)
     data["models"] = models
     if recipe.parameters:
         data["parameters"] = recipe.parameters
     if recipe.dtype or recipe.out_dtype:
         data["dtype"] = recipe.out_dtype or recipe.dtype
     return _plain(data)
+
+
+def _card_model_name(reference: str) -> str:
+    if reference.startswith(PREFIX):
+        return reference
+    return display_name(Path(reference))
 
 
 def _plain(value: Any) -> Any:

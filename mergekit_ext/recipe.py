@@ -101,9 +101,20 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
     try:
         return Recipe.model_validate(data)
     except ValidationError as error:
-        first = error.errors()[0]
-        key = ".".join(str(part) for part in first["loc"])
-        raise RecipeError(f"{source}: invalid value at '{key}': {first['msg']}") from error
+        raise RecipeError(f"{source}: {_describe(error)}") from error
+
+
+def _describe(error: ValidationError) -> str:
+    problems = []
+    for item in error.errors()[:3]:
+        key = ".".join(str(part) for part in item["loc"])
+        if item["type"] == "extra_forbidden":
+            problems.append(f"unknown key '{key}'")
+        elif item["type"] == "missing":
+            problems.append(f"missing key '{key}'")
+        else:
+            problems.append(f"invalid value at '{key}': {item['msg']}")
+    return "; ".join(problems)
 
 
 def layer_index(tensor_name: str) -> int | None:

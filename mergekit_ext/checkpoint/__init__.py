@@ -1,15 +1,28 @@
-"""Checkpoint I/O: lazy reader, streaming writer, config/tokenizer copies, model cards."""
+"""Checkpoint I/O: lazy reader, streaming writer, config/tokenizer copies, model cards.
 
-from mergekit_ext.checkpoint.card import CardInput, ModelCard
-from mergekit_ext.checkpoint.reader import Checkpoint, TensorInfo
-from mergekit_ext.checkpoint.writer import PlannedTensor, StreamingWriter, parse_size
+Names load on first use, so that importing the card module (as `merge push` does)
+does not import torch.
+"""
 
-__all__ = [
-    "CardInput",
-    "Checkpoint",
-    "ModelCard",
-    "PlannedTensor",
-    "StreamingWriter",
-    "TensorInfo",
-    "parse_size",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "CardInput": "mergekit_ext.checkpoint.card",
+    "ModelCard": "mergekit_ext.checkpoint.card",
+    "Checkpoint": "mergekit_ext.checkpoint.reader",
+    "TensorInfo": "mergekit_ext.checkpoint.reader",
+    "PlannedTensor": "mergekit_ext.checkpoint.writer",
+    "StreamingWriter": "mergekit_ext.checkpoint.writer",
+    "parse_size": "mergekit_ext.checkpoint.writer",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)

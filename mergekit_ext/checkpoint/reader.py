@@ -1,14 +1,18 @@
 """Lazy reader of checkpoints: one safetensors file, a folder, or a sharded folder.
 
-Names, shapes and dtypes come from the headers only. Tensor data is memory-mapped by
-`safetensors.safe_open` and read when `load` is called, so opening a 70B checkpoint
-costs a few milliseconds and no memory.
+Names, shapes and dtypes come from the headers only, so opening a 70B checkpoint costs
+a few milliseconds and no memory. `load` reads one tensor's bytes with `pread` at the
+offset the header gives. A memory map would be simpler, but every page it touches
+stays in the process's resident set until the map is closed, so a streaming merge
+through mmap ends up holding all of its inputs; a plain read holds only the tensors
+still referenced.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import logging
 import threading
 from dataclasses import dataclass
@@ -16,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 
 from mergekit_ext.checkpoint.safetensors_header import read_header
 from mergekit_ext.errors import CheckpointError, PickleNotAllowedError
@@ -163,12 +166,12 @@ class Checkpoint:
             raise CheckpointError(f"{config_path}: invalid JSON ({error}); fix or remove the file") from error
 
     def load(self, name: str) -> torch.Tensor:
-        """Load tensor `name` from the memory map (a CPU tensor in its stored dtype)."""
+        """Read tensor `name` into a new CPU tensor in its stored dtype."""
         info = self.info(name)
         handle = self._handle(info.file)
         if self._pickled:
             return handle[name]
-        return handle.get_tensor(name)
+        return _read_tensor(handle, info)
 
     def _handle(self, file: Path) -> Any:
         with self._lock:
@@ -176,7 +179,7 @@ class Checkpoint:
                 if self._pickled:
                     self._handles[file] = _load_pickle(file)
                 else:
-                    self._handles[file] = safe_open(str(file), framework="pt", device="cpu")
+                    self._handles[file] = os.open(file, os.O_RDONLY)
             return self._handles[file]
 
     def sha256(self) -> str:
@@ -191,12 +194,38 @@ class Checkpoint:
         return self._sha256
 
     def close(self) -> None:
-        """Drop the memory maps; later `load` calls reopen them."""
+        """Close open files; later `load` calls reopen them."""
         with self._lock:
+            for handle in self._handles.values():
+                if isinstance(handle, int):
+                    os.close(handle)
             self._handles.clear()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown may have torn down os already
+            pass
 
     def __repr__(self) -> str:
         return f"Checkpoint({str(self.path)!r}, tensors={len(self)})"
+
+
+def _read_tensor(descriptor: int, info: TensorInfo) -> torch.Tensor:
+    buffer = bytearray(info.nbytes)
+    view = memoryview(buffer)
+    done = 0
+    while done < info.nbytes:
+        # pread is safe from several threads at once: it does not move a shared offset.
+        count = os.preadv(descriptor, [view[done:]], info.offset + done)
+        if count == 0:
+            raise CheckpointError(
+                f"{info.file}: file is truncated: tensor {info.name!r} ends past the end of the file"
+            )
+        done += count
+    if info.nbytes == 0:
+        return torch.empty(info.shape, dtype=info.dtype)
+    return torch.frombuffer(buffer, dtype=torch.uint8).view(info.dtype).reshape(info.shape)
 
 
 def _files_from_index(index_path: Path) -> list[Path]:

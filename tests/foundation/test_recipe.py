@@ -82,7 +82,7 @@ def test_resolution_matches_mergekit_evaluate_setting() -> None:
 
 
 def test_validation_error_names_the_key() -> None:
-    with pytest.raises(RecipeError, match="'models.0.model'"):
+    with pytest.raises(RecipeError, match="missing key 'models.0.model'"):
         parse_recipe({"merge_method": "ties", "models": [{"parameters": {}}]})
 
 
