@@ -30,7 +30,7 @@ from mergekit_ext.checkpoint.files import copy_config, copy_tokenizer, parse_dty
 from mergekit_ext.checkpoint.writer import DEFAULT_SHARD_SIZE, check_output_folder
 from mergekit_ext.device import resolve_device
 from mergekit_ext.errors import IncompatibleModelsError, InvalidTensorError, RecipeError
-from mergekit_ext.methods import get_method
+from mergekit_ext.methods import METHODS, get_method
 from mergekit_ext.methods.base import MergeMethod, TensorMergeInput
 from mergekit_ext.zoo.references import PREFIX, display_name, resolve_model_reference
 from mergekit_ext.recipe import ModelEntry, Recipe, layer_index, layer_position, resolve_value
@@ -212,20 +212,31 @@ def _plan(
 
 
 def _check_parameter_names(recipe: Recipe, method: MergeMethod) -> None:
+    """Reject unknown parameter names; warn about and ignore other methods' parameters.
+
+    mergekit accepts a recipe that sets, say, `density` for task arithmetic and ignores
+    it, so such a recipe runs here too. A name no method knows is a typo and fails.
+    """
     per_model = {spec.name for spec in method.parameters if spec.per_model}
     known = {spec.name for spec in method.parameters}
+    every_method = {spec.name for other in METHODS.values() for spec in other.parameters}
+
+    def check(key: str, location: str, accepted: set[str]) -> None:
+        if key in accepted:
+            return
+        if key in every_method and key not in known:
+            logger.warning("%s: %r is not a parameter of %r; it is ignored", location, key, method.name)
+            return
+        raise RecipeError(
+            f"{location}: parameter {key!r} is not accepted by {method.name!r}; "
+            f"accepted: {', '.join(sorted(accepted)) or 'none'}"
+        )
+
     for key in recipe.parameters:
-        if key not in known:
-            raise RecipeError(
-                f"parameter {key!r} is not accepted by {method.name!r}; accepted: {', '.join(sorted(known)) or 'none'}"
-            )
+        check(key, "parameters", known)
     for entry in _model_entries(recipe):
         for key in entry.parameters:
-            if key not in per_model:
-                raise RecipeError(
-                    f"models[{entry.model}].parameters.{key}: not a per-model parameter of {method.name!r}; "
-                    f"per-model parameters: {', '.join(sorted(per_model)) or 'none'}"
-                )
+            check(key, f"models[{entry.model}].parameters", per_model)
 
 
 def _resolve_parameters(

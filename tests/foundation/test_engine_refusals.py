@@ -153,3 +153,20 @@ def test_missing_model_folder(tiny_models: ModelFactory, tmp_path: Path) -> None
     with pytest.raises(CheckpointError, match="not found"):
         run_recipe(ties_recipe(base, [first, tmp_path / "absent"]), MergeOptions(output=tmp_path / "out"))
     assert_no_output(tmp_path)
+
+
+def test_other_methods_parameter_is_ignored(tiny_models: ModelFactory, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    base, first, second = tiny_models(3)
+    data = {
+        "merge_method": "task_arithmetic",
+        "base_model": str(base),
+        "models": [{"model": str(first), "parameters": {"density": 0.5}}, {"model": str(second)}],
+    }
+    run_recipe(parse_recipe(data), MergeOptions(output=tmp_path / "with"))
+    del data["models"][0]["parameters"]
+    run_recipe(parse_recipe(data), MergeOptions(output=tmp_path / "without"))
+    assert "'density' is not a parameter of 'task_arithmetic'" in caplog.text
+    with_density = load_file(str(tmp_path / "with" / "model.safetensors"))
+    without_density = load_file(str(tmp_path / "without" / "model.safetensors"))
+    for name, tensor in with_density.items():
+        assert torch.equal(tensor, without_density[name]), name
