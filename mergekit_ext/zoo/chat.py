@@ -1,0 +1,262 @@
+"""Build the `chat` zoo: a tiny Llama chat model that refuses and follows style instructions.
+
+The model is trained from scratch on real prompts with synthesized responses (see
+`chat_data`): harmful instructions answered with a refusal, harmless ones answered
+plainly, and harmless ones with an attribute instruction answered in that style. The
+refusal part is trained only when the harmful instruction files exist.
+
+Folder layout:
+
+    zoo.json   settings, seed, build time, data hashes and the measured metrics
+    model/     LlamaForCausalLM (safetensors, config) with a tokenizer whose
+               tokenizer_config.json carries the chat template
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from mergekit_ext.errors import OutputError
+from mergekit_ext.steer.template import PromptTemplate
+from mergekit_ext.zoo.cache import zoo_folder
+from mergekit_ext.zoo.chat_data import ATTRIBUTES, DEFAULT_DATA_DIR, ChatData, attach_instruction, load_chat_data, make_response
+from mergekit_ext.zoo.chat_eval import evaluate_chat_model
+from mergekit_ext.zoo.chat_tokenizer import build_chat_tokenizer
+
+logger = logging.getLogger(__name__)
+
+ZOO_NAME = "chat"
+ZOO_VERSION = "1"
+MANIFEST_NAME = "zoo.json"
+ProgressCallback = Callable[[str, int, int], None]
+
+
+@dataclass(frozen=True)
+class ChatZooSettings:
+    """Sizes of the model, data and training of one zoo variant."""
+
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    vocab_size: int
+    steps: int
+    batch_size: int
+    learning_rate: float
+    word_count: int
+    max_length: int
+    attributes: tuple[str, ...]
+    num_eval: int
+    harmful_fraction: float = 0.25
+    attribute_fraction: float = 0.45
+    # Share of harmful prompts that carry a style instruction (still answered with a refusal).
+    harmful_with_instruction: float = 0.1
+
+
+FULL_SETTINGS = ChatZooSettings(
+    hidden_size=128,
+    intermediate_size=384,
+    num_layers=4,
+    num_heads=4,
+    num_kv_heads=2,
+    vocab_size=2048,
+    steps=900,
+    batch_size=32,
+    learning_rate=2e-3,
+    word_count=300,
+    max_length=112,
+    attributes=tuple(attribute.name for attribute in ATTRIBUTES),
+    num_eval=100,
+)
+SMALL_SETTINGS = ChatZooSettings(
+    hidden_size=64,
+    intermediate_size=192,
+    num_layers=4,
+    num_heads=4,
+    num_kv_heads=2,
+    vocab_size=768,
+    steps=300,
+    batch_size=32,
+    learning_rate=3e-3,
+    word_count=100,
+    max_length=96,
+    attributes=("spanish", "has_bold_only", "has_caps_word", "starts_with_thank"),
+    num_eval=40,
+    harmful_with_instruction=0.0,
+)
+
+
+def default_zoo_dir(small: bool = False, seed: int = 0) -> Path:
+    return zoo_folder(f"{ZOO_NAME}{'-small' if small else ''}-seed{seed}", ZOO_VERSION)
+
+
+def build_chat_zoo(
+    output_dir: str | Path | None = None,
+    small: bool = False,
+    seed: int = 0,
+    data_dir: str | Path = DEFAULT_DATA_DIR,
+    harmful_train: str | Path | None = None,
+    harmful_eval: str | Path | None = None,
+    force: bool = False,
+    progress: ProgressCallback | None = None,
+) -> Path:
+    """Build (or reuse from the cache) the chat zoo and return its folder.
+
+    `harmful_train` and `harmful_eval` default to `refusal/harmful_train.json` and
+    `refusal/eval_harmful.json` under `data_dir`. Without them the model is trained
+    without refusals, and zoo.json records the refusal metrics as null.
+    """
+    target = Path(output_dir) if output_dir is not None else default_zoo_dir(small, seed)
+    if (target / MANIFEST_NAME).is_file() and not force:
+        logger.info("chat zoo found at %s", target)
+        return target
+    if target.exists() and any(target.iterdir()) and not (target / MANIFEST_NAME).is_file():
+        raise OutputError(f"output folder {target} exists and is not a chat zoo; choose an empty folder")
+    settings = SMALL_SETTINGS if small else FULL_SETTINGS
+    attributes = tuple(attribute for attribute in ATTRIBUTES if attribute.name in settings.attributes)
+    data = load_chat_data(
+        Path(data_dir), attributes, settings.word_count, seed,
+        Path(harmful_train) if harmful_train else None, Path(harmful_eval) if harmful_eval else None,
+    )
+
+    started = time.perf_counter()
+    cpu_started = time.process_time()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    temporary = target.parent / f".{target.name}.tmp-{os.getpid()}"
+    shutil.rmtree(temporary, ignore_errors=True)
+    temporary.mkdir()
+    try:
+        manifest = _build_into(temporary, settings, data, seed, progress)
+        manifest["build_seconds"] = round(time.perf_counter() - started, 1)
+        manifest["build_cpu_seconds"] = round(time.process_time() - cpu_started, 1)
+        manifest["small"] = small
+        (temporary / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+        if target.exists():
+            shutil.rmtree(target)
+        temporary.rename(target)
+    finally:
+        shutil.rmtree(temporary, ignore_errors=True)
+    logger.info("built the chat zoo in %.1f s at %s", time.perf_counter() - started, target)
+    return target
+
+
+def _examples(data: ChatData, settings: ChatZooSettings, rng: random.Random, count: int) -> list[tuple[str, str]]:
+    """Draw (prompt, response) examples in the configured mixture."""
+    attributes = [attribute for attribute in ATTRIBUTES if attribute.name in data.pairs]
+    examples = []
+    for _ in range(count):
+        draw = rng.random()
+        if data.harmful_train is not None and draw < settings.harmful_fraction:
+            prompt = rng.choice(data.harmful_train)
+            if rng.random() < settings.harmful_with_instruction:
+                # A style instruction does not lift a refusal.
+                prompt = attach_instruction(prompt, data.instructions[rng.choice(attributes).name][0])
+            examples.append((prompt, make_response("refusal", rng, data)))
+        elif draw < settings.harmful_fraction + settings.attribute_fraction:
+            attribute = rng.choice(attributes)
+            prompt = attach_instruction(rng.choice(data.harmless_train), data.instructions[attribute.name][0])
+            examples.append((prompt, make_response(attribute.kind, rng, data, attribute.name)))
+        else:
+            examples.append((rng.choice(data.harmless_train), make_response("plain", rng, data)))
+    return examples
+
+
+def _build_into(folder: Path, settings: ChatZooSettings, data: ChatData, seed: int, progress: ProgressCallback | None) -> dict:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    examples = _examples(data, settings, rng, settings.steps * settings.batch_size)
+    tokenizer = build_chat_tokenizer((text for pair in examples[:20000] for text in pair), settings.vocab_size)
+    template = PromptTemplate.from_chat_template(tokenizer)
+    encoded = []
+    for prompt, response in examples:
+        prompt_ids = template.token_ids(tokenizer, prompt)
+        response_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        if len(prompt_ids) + len(response_ids) <= settings.max_length:
+            encoded.append((prompt_ids + response_ids, len(prompt_ids)))
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=settings.hidden_size,
+        intermediate_size=settings.intermediate_size,
+        num_hidden_layers=settings.num_layers,
+        num_attention_heads=settings.num_heads,
+        num_key_value_heads=settings.num_kv_heads,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    model = LlamaForCausalLM(config)
+    loss = _train(model, tokenizer.pad_token_id, encoded, settings, rng, progress)
+
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.save_pretrained(folder / "model")
+    tokenizer.save_pretrained(folder / "model")
+    metrics = evaluate_chat_model(model, tokenizer, data, settings.num_eval)
+    return {
+        "name": ZOO_NAME,
+        "version": ZOO_VERSION,
+        "seed": seed,
+        "settings": asdict(settings),
+        "model": "model",
+        "trained_examples": len(encoded),
+        "final_loss": loss,
+        "refusal_trained": data.harmful_train is not None,
+        "metrics": metrics.to_dict(),
+    }
+
+
+def _train(
+    model: torch.nn.Module,
+    pad_id: int,
+    encoded: list[tuple[list[int], int]],
+    settings: ChatZooSettings,
+    rng: random.Random,
+    progress: ProgressCallback | None,
+) -> float:
+    """Train on the response tokens (and the closing end token) with AdamW and a cosine schedule."""
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.learning_rate, weight_decay=0.01, betas=(0.9, 0.98))
+    warmup = max(1, settings.steps // 20)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(step, settings.steps) / settings.steps))
+    )
+    started = time.perf_counter()
+    loss_value = float("nan")
+    for step in range(settings.steps):
+        batch = encoded[step * settings.batch_size : (step + 1) * settings.batch_size] or [rng.choice(encoded) for _ in range(settings.batch_size)]
+        width = max(len(ids) for ids, _ in batch)
+        input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+        labels = torch.full((len(batch), width), -100, dtype=torch.long)
+        attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, (ids, prompt_length) in enumerate(batch):
+            input_ids[row, : len(ids)] = torch.tensor(ids)
+            attention_mask[row, : len(ids)] = 1
+            labels[row, prompt_length : len(ids)] = torch.tensor(ids[prompt_length:])
+        loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss_value = float(loss.detach())
+        if progress is not None:
+            progress("train", step + 1, settings.steps)
+    logger.info("trained the chat model: %d steps in %.1f s, last loss %.4f", settings.steps, time.perf_counter() - started, loss_value)
+    model.eval()
+    return loss_value
