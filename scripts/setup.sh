@@ -31,4 +31,8 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 "$VENV/bin/python" -m pip install -q "$TORCH_SPEC"
 "$VENV/bin/python" -m pip install -q -e ".[${EXTRAS}]"
+# steering-vectors is the reference the extraction tests compare against. It pins
+# transformers < 5 but works with 5.x for what the tests use, so it goes in without
+# its dependency pins.
+"$VENV/bin/python" -m pip install -q --no-deps "steering-vectors==0.12.2"
 echo "Ready: $VENV/bin/merge"
