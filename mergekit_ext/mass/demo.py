@@ -1,0 +1,147 @@
+"""The main-job demonstration: classic merges against MASS on the text zoo, task unknown.
+
+The demo builds the text zoo when it is not cached and merges all its tasks with task
+arithmetic, TIES and TSV-M, and into a MASS artifact. It evaluates each merge on the
+test splits with the task unknown, so the head with the largest max logit wins. It
+also measures the MASS storage factor and its latency against one forward pass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mergekit_ext.engine import MergeOptions, run_recipe
+from mergekit_ext.mass.build import MassBuildOptions, build_mass_artifact
+from mergekit_ext.mass.evaluation import evaluate_mass_text_zoo, measure_latency, zoo_texts
+from mergekit_ext.mass.runtime import MassModel
+from mergekit_ext.recipe import parse_recipe
+from mergekit_ext.zoo.cache import cache_root
+from mergekit_ext.zoo.evaluate import EvalResult, evaluate_text_zoo, read_manifest
+from mergekit_ext.zoo.text import build_text_zoo
+
+logger = logging.getLogger(__name__)
+
+ProgressCallback = Callable[[str, int, int], None]
+
+# Classic merge settings. Task arithmetic sums the task vectors, so it needs a scale
+# below 1 for six tasks; 0.3 is the FusionBench default for CLIP ViT-B/32. TIES averages
+# the agreeing entries (normalize on), so its scale stays 1.
+CLASSIC_MERGES: dict[str, dict[str, Any]] = {
+    "task arithmetic": {"merge_method": "task_arithmetic", "parameters": {"lambda": 0.3}},
+    "TIES": {"merge_method": "ties", "parameters": {"density": 0.2, "lambda": 1.0}},
+    "TSV-M": {"merge_method": "tsv", "parameters": {"alpha": 1.0}},
+}
+LATENCY_BATCH_SIZE = 64
+LATENCY_BATCHES = 4
+# Enough cache entries for every task set the test splits use, so latency excludes merging.
+DEMO_CACHE_CAPACITY = 64
+
+
+@dataclass
+class DemoRow:
+    """Accuracy of one method: per task, average, and normalized by the fine-tuned models."""
+
+    method: str
+    per_task: dict[str, float]
+    average: float
+    normalized: float
+    routing_top1: float | None = None
+
+
+@dataclass
+class DemoReport:
+    """Everything `merge demo` prints."""
+
+    zoo_dir: Path
+    tasks: list[str]
+    finetuned: dict[str, float]
+    rows: list[DemoRow] = field(default_factory=list)
+    storage_factor: float = 0.0
+    latency_ratio: float = 0.0
+    reuse_prefix_latency_ratio: float = 0.0
+    reuse_prefix_normalized: float = 0.0
+    distinct_task_sets: int = 0
+    seconds: float = 0.0
+
+
+def _row(method: str, result: EvalResult, routing_top1: float | None = None) -> DemoRow:
+    return DemoRow(
+        method=method,
+        per_task={item.task: item.accuracy for item in result.tasks},
+        average=result.average_accuracy,
+        normalized=result.average_normalized_accuracy,
+        routing_top1=routing_top1,
+    )
+
+
+def run_demo(
+    *,
+    small: bool = False,
+    device: str = "cpu",
+    zoo_dir: Path | None = None,
+    work_dir: Path | None = None,
+    seed: int = 0,
+    progress: ProgressCallback | None = None,
+) -> DemoReport:
+    """Run the demonstration and return its report (the zoo is built first when missing)."""
+    started = time.perf_counter()
+    if zoo_dir is not None and (zoo_dir / "zoo.json").is_file():
+        # An explicit, finished zoo is used as it is, even if built with other settings.
+        manifest = read_manifest(zoo_dir)
+    else:
+        zoo_dir, manifest = build_text_zoo(zoo_dir, small=small, device=device, progress=progress)
+    tasks = list(manifest["tasks"])
+    base = zoo_dir / manifest["base_model"]
+    models = [zoo_dir / manifest["tasks"][task]["model"] for task in tasks]
+    heads = [zoo_dir / manifest["tasks"][task]["head"] for task in tasks]
+    work = work_dir or cache_root() / "demo" / zoo_dir.name
+    report = DemoReport(
+        zoo_dir=zoo_dir, tasks=tasks, finetuned={t: float(manifest["tasks"][t]["finetuned_accuracy"]) for t in tasks}
+    )
+
+    for method, settings in CLASSIC_MERGES.items():
+        output = work / settings["merge_method"]
+        recipe = parse_recipe({"base_model": str(base), "models": [{"model": str(m)} for m in models], **settings})
+        run_recipe(recipe, MergeOptions(output=output, seed=seed, device=device, force=True))
+        result = evaluate_text_zoo(output, zoo_dir, unknown_task=True, device=device, progress=progress)
+        report.rows.append(_row(method, result))
+        logger.info("%s: normalized accuracy %.3f", method, result.average_normalized_accuracy)
+
+    artifact = work / "mass"
+    built = build_mass_artifact(
+        base, models, artifact, task_names=tasks, heads=heads,
+        options=MassBuildOptions(device=device, seed=seed, force=True),
+    )  # fmt: skip
+    report.storage_factor = built.config.storage.storage_factor
+
+    model = MassModel.from_pretrained(artifact, device=device, cache_capacity=DEMO_CACHE_CAPACITY)
+    for label, mode in (("MASS", "topk"), ("MASS top-1", "top1")):
+        model.settings = dataclasses.replace(model.settings, mode=mode)
+        result = evaluate_mass_text_zoo(artifact, zoo_dir, model=model, progress=progress)
+        report.rows.append(_row(label, result.accuracy, result.routing.top1_accuracy))
+    model.settings = dataclasses.replace(model.settings, mode="topk")
+
+    batches = _latency_batches(zoo_dir, tasks)
+    report.latency_ratio = measure_latency(model, batches).ratio
+    report.distinct_task_sets = len(model.cache)
+    reuse = MassModel.from_pretrained(artifact, device=device, cache_capacity=DEMO_CACHE_CAPACITY, reuse_prefix=True)
+    report.reuse_prefix_normalized = evaluate_mass_text_zoo(artifact, zoo_dir, model=reuse).accuracy.average_normalized_accuracy
+    report.reuse_prefix_latency_ratio = measure_latency(reuse, batches).ratio
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def _latency_batches(zoo_dir: Path, tasks: list[str]) -> list[list[str]]:
+    """Return test batches that mix the tasks (round robin), as a deployed model would see them."""
+    texts = zoo_texts(zoo_dir, tasks, "test")
+    mixed: list[str] = []
+    for position in range(max(len(t) for t in texts.values())):
+        mixed.extend(texts[task][position] for task in tasks if position < len(texts[task]))
+    count = min(LATENCY_BATCHES, max(len(mixed) // LATENCY_BATCH_SIZE, 1))
+    return [mixed[i * LATENCY_BATCH_SIZE : (i + 1) * LATENCY_BATCH_SIZE] for i in range(count)]
