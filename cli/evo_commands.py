@@ -174,15 +174,29 @@ def evaluate_command(options: GlobalOptions, run: Path, problems: str, limit: in
 @click.option("--output", type=click.Path(file_okay=False, path_type=Path), help="Folder (default RUN/export).")
 @click.option("--dtype", help="Output dtype (default: the base model's).")
 @click.option("--force", is_flag=True, help="Overwrite existing member folders.")
+@click.option("--push", "push_prefix", metavar="ORG/PREFIX", help="Push every member to the Hugging Face Hub.")
+@click.option(
+    "--layout",
+    type=click.Choice(["repos", "branches"]),
+    default="repos",
+    show_default=True,
+    help="repos: one repo PREFIX-member-ii per member; branches: one repo PREFIX, one branch per member.",
+)
+@click.option("--private", is_flag=True, help="Create the Hub repos as private.")
+@click.option("--dry-run", is_flag=True, help="With --push: list what would be uploaded and send nothing.")
 @click.pass_obj
 def export_command(options: GlobalOptions, run: Path, front: bool, output: Path | None, dtype: str | None,
-                   force: bool) -> None:
-    """Write every front member of RUN as a merged checkpoint with a model card."""
-    from mergekit_ext.evo.export import export_front
+                   force: bool, push_prefix: str | None, layout: str, private: bool, dry_run: bool) -> None:
+    """Write every front member of RUN as a merged checkpoint with a model card, and optionally push them."""
+    from mergekit_ext.evo.export import export_front, push_exported_front
 
     written = export_front(run, output, dtype=dtype, device=options.device, force=force)
     for path in written:
         console.print(str(path))
+    if push_prefix:
+        plan = push_exported_front(run, written, push_prefix, layout, private=private, dry_run=dry_run)
+        if dry_run:
+            console.print(plan.describe())
 
 
 @evo_group.command("report")

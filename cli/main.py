@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import signal
 import sys
 from dataclasses import dataclass
 from typing import Any
@@ -108,7 +109,14 @@ def cli(ctx: click.Context, device: str, seed: int, log_level: str, debug: bool)
 
 def main() -> None:
     """Run the CLI; used by the `merge` console script."""
+    # SIGTERM (a killed job, a CI timeout) becomes SystemExit, so the writer's context
+    # manager removes its temporary folder exactly as it does for Ctrl-C.
+    signal.signal(signal.SIGTERM, _exit_on_signal)
     cli(prog_name="merge")
+
+
+def _exit_on_signal(signal_number: int, frame: object) -> None:
+    raise SystemExit(128 + signal_number)
 
 
 if __name__ == "__main__":

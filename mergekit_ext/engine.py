@@ -159,13 +159,19 @@ def peak_rss_bytes() -> int:
 
 def _open_inputs(recipe: Recipe, method: MergeMethod, options: MergeOptions) -> _Inputs:
     if method.requires_base and not recipe.base_model:
-        raise RecipeError(f"method {method.name!r} needs a base model: set 'base_model' (or --base)")
+        raise RecipeError(
+            f"method {method.name!r} needs a base model: set 'base_model' in the recipe "
+            "(or --base on the per-method commands)"
+        )
     base = None
     if recipe.base_model:
         base = Checkpoint.open(resolve_model_reference(recipe.base_model), allow_pickle=options.allow_pickle)
     model_paths = recipe.model_paths()
     if not model_paths:
-        raise RecipeError("the recipe lists no models to merge: add entries under 'models' (or --models)")
+        listed = f" besides the base {recipe.base_model}" if recipe.models else ""
+        raise RecipeError(
+            f"no models to merge{listed}: list at least one other model under 'models' (or in --models)"
+        )
     models = [Checkpoint.open(resolve_model_reference(path), allow_pickle=options.allow_pickle) for path in model_paths]
     return _Inputs(base=base, models=models, reference=base or models[0])
 
@@ -183,6 +189,7 @@ def _plan(
 ) -> list[_TensorPlan]:
     _check_parameter_names(recipe, method)
     _check_vocabulary_configs(inputs, truncate_vocab)
+    _warn_extra_tensors(inputs)
     num_layers = _num_layers(inputs.reference)
     entries = _model_entries(recipe)
     plan = []
@@ -209,6 +216,23 @@ def _plan(
             )
         )
     return plan
+
+
+def _warn_extra_tensors(inputs: _Inputs) -> None:
+    # The output follows the base's tensor list, so tensors only other models have are dropped.
+    reference_names = set(inputs.reference.names)
+    for model in [inputs.base, *inputs.models]:
+        if model is None or model is inputs.reference:
+            continue
+        extra = [name for name in model.names if name not in reference_names]
+        if extra:
+            logger.warning(
+                "%d tensors of %s are not in %s and are left out of the output (for example %r)",
+                len(extra),
+                model.path,
+                inputs.reference.path,
+                extra[0],
+            )
 
 
 def _check_parameter_names(recipe: Recipe, method: MergeMethod) -> None:

@@ -156,7 +156,8 @@ class ModelCard:
             "",
             self.reproduce
             or (
-                "The exact recipe is in `merge_recipe.yaml`; run it with `merge run merge_recipe.yaml "
+                "The exact recipe is in `merge_recipe.yaml`; run it with "
+                f"`merge{'' if self.seed is None else f' --seed {self.seed}'} run merge_recipe.yaml "
                 "--output OUT` after pointing the model entries at the same inputs."
             ),
             "",

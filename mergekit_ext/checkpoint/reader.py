@@ -119,8 +119,8 @@ class Checkpoint:
         if (folder / PICKLE_SINGLE).exists():
             return cls(folder, _infos_from_pickle([folder / PICKLE_SINGLE], allow_pickle), pickled=True)
         raise CheckpointError(
-            f"{folder}: no model weights found (expected {SAFETENSORS_SINGLE} or "
-            f"{SAFETENSORS_INDEX}); check that this is a checkpoint folder"
+            f"{folder}: no model weights found (expected {SAFETENSORS_SINGLE}, {SAFETENSORS_INDEX} "
+            f"or {PICKLE_SINGLE}); check that this is a checkpoint folder, or pass the weight file itself"
         )
 
     @property
@@ -283,9 +283,15 @@ def _ordered(entries: list[TensorInfo]) -> dict[str, TensorInfo]:
 def _load_pickle(file: Path) -> dict[str, torch.Tensor]:
     # weights_only=True refuses arbitrary objects, so a malicious pickle cannot run code.
     try:
-        state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        state = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises many types for a bad or unsafe pickle
-        raise CheckpointError(f"{file}: cannot load pickled weights safely: {error}") from error
+        reason = "not a valid PyTorch checkpoint"
+        if "weights_only" in str(error) or "Unsupported global" in str(error):
+            reason = "it holds objects other than tensors, which could run code when unpickled"
+        raise CheckpointError(
+            f"{file}: cannot load pickled weights safely: {reason}; convert it to safetensors "
+            "in a trusted environment"
+        ) from error
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):

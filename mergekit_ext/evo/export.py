@@ -6,12 +6,14 @@ import json
 import logging
 from pathlib import Path
 
+from mergekit_ext.checkpoint.card import EvoFront, EvoMember
 from mergekit_ext.engine import MergeOptions, run_recipe
 from mergekit_ext.errors import RecipeError
 from mergekit_ext.evo.archive import Archive, ArchiveEntry
 from mergekit_ext.evo.config import parse_config
 from mergekit_ext.evo.merge_memory import checkpoint_layers, genome_recipe
 from mergekit_ext.evo.search import ARCHIVE_FILE, RUN_FILE
+from mergekit_ext.hub import FrontPushPlan, push_front
 
 logger = logging.getLogger(__name__)
 
@@ -71,3 +73,50 @@ def export_front(
         if progress is not None:
             progress(index + 1, len(front))
     return written
+
+
+def front_summary(run_dir: Path) -> EvoFront:
+    """Describe the Pareto front of a run (genomes, objectives, settings) for model cards."""
+    run_dir = Path(run_dir)
+    stored = json.loads((run_dir / RUN_FILE).read_text(encoding="utf-8"))
+    config = parse_config(stored["config"], source=str(run_dir / RUN_FILE))
+    archive = Archive(run_dir / ARCHIVE_FILE)
+    front = archive.front(config.search.accuracy_floor)
+    gene_names = config.search_space.gene_names()
+    members = [
+        EvoMember(
+            index=index,
+            genome=dict(zip(gene_names, entry.genes)),
+            objectives={"accuracy": entry.result.accuracy, "mean_tokens": entry.result.mean_tokens},
+        )
+        for index, entry in enumerate(front)
+    ]
+    return EvoFront(
+        run_name=run_dir.name,
+        members=members,
+        objective_goals={"accuracy": "max", "mean_tokens": "min"},
+        algorithm=config.search.algorithm,
+        generations=config.search.generations,
+        population=config.search.population,
+        evaluated=len(archive.entries),
+    )
+
+
+def push_exported_front(
+    run_dir: Path,
+    member_dirs: list[Path],
+    prefix: str,
+    layout: str = "repos",
+    *,
+    private: bool = False,
+    dry_run: bool = False,
+) -> FrontPushPlan:
+    """Push exported front members of a run to the Hub, one repo or one branch per member."""
+    return push_front(
+        member_dirs,
+        prefix,
+        layout,  # type: ignore[arg-type]
+        front=front_summary(run_dir),
+        private=private,
+        dry_run=dry_run,
+    )

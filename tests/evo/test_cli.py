@@ -60,6 +60,16 @@ def test_search_report_export(tiny_models, problem_file, tmp_path):
     expected = base[name] + weight * (short[name] - base[name])
     assert (weights[name] - expected).abs().max() < 1e-6
 
+    result = runner.invoke(
+        cli,
+        ["--device", "cpu", "evo", "export", str(run_dir), "--front", "--force",
+         "--push", "my-org/l2s", "--layout", "branches", "--dry-run"],
+    )
+    assert result.exit_code == 0, result.output
+    assert "my-org/l2s" in result.output
+    assert "member-00" in result.output
+    assert "README.md" in result.output
+
 
 def test_search_refuses_existing_run_folder(tiny_models, problem_file, tmp_path):
     config = _write_config(tmp_path / "search.yaml", tiny_models, problem_file)

@@ -122,3 +122,26 @@ def test_inspect_lists_tensors(tiny_models: ModelFactory) -> None:
     result = invoke("inspect", str(model), "--limit", "0")
     assert result.exit_code == 0
     assert "model.layers.1.mlp.down_proj.weight" in result.output
+
+
+def test_sigterm_leaves_no_partial_output(tmp_path: Path) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from mergekit_ext.tiny import write_tiny_checkpoint
+
+    models = [write_tiny_checkpoint(tmp_path / f"m{i}", seed=i, num_layers=8, hidden=512, vocab_size=64) for i in range(4)]
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "mergekit_ext.cli.main", "tsv", "-b", str(models[0]), "-m", *map(str, models[1:]), "-o", str(out)]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not any(".partial-" in path.name for path in tmp_path.iterdir()):
+        time.sleep(0.05)
+    assert process.poll() is None, "the merge finished before it could be interrupted"
+    os.kill(process.pid, signal.SIGTERM)
+    assert process.wait(timeout=60) == 128 + signal.SIGTERM
+    assert not out.exists()
+    assert [path for path in tmp_path.iterdir() if ".partial-" in path.name] == []
