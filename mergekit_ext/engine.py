@@ -63,7 +63,7 @@ class MergeOptions:
 
 @dataclass
 class MergeReport:
-    """What a finished merge did, for the one-line summary and for tests."""
+    """Summary of a finished merge: output, counts, timings and input hashes."""
 
     output: Path
     tensors: int
@@ -239,7 +239,7 @@ def _check_parameter_names(recipe: Recipe, method: MergeMethod) -> None:
     """Reject unknown parameter names; warn about and ignore other methods' parameters.
 
     mergekit accepts a recipe that sets, say, `density` for task arithmetic and ignores
-    it, so such a recipe runs here too. A name no method knows is a typo and fails.
+    it, so such a recipe runs here too. A name that no method declares is a typo and fails.
     """
     per_model = {spec.name for spec in method.parameters if spec.per_model}
     known = {spec.name for spec in method.parameters}

@@ -2,9 +2,9 @@
 
 A recipe names a method, a base model, the models with per-model parameters, and
 global parameters. A parameter value is a scalar, a gradient (a list of numbers
-interpolated over the layers), or a list of `{filter, value}` conditions where the
-first condition whose filter is a substring of the tensor name wins (a condition
-without a filter, or with `*`, matches every tensor).
+interpolated over the layers), or a list of `{filter, value}` conditions. In a
+condition list the first condition whose filter is a substring of the tensor name
+wins. A condition without a filter, or with `*`, matches every tensor.
 """
 
 from __future__ import annotations

@@ -3,9 +3,9 @@
 Names, shapes and dtypes come from the headers only, so opening a 70B checkpoint costs
 a few milliseconds and no memory. `load` reads one tensor's bytes with `pread` at the
 offset the header gives. A memory map would be simpler, but every page it touches
-stays in the process's resident set until the map is closed, so a streaming merge
-through mmap ends up holding all of its inputs; a plain read holds only the tensors
-still referenced.
+stays in the process's resident set until the map is closed. A streaming merge through
+mmap therefore ends up holding all of its inputs, while a plain read holds only the
+tensors still referenced.
 """
 
 from __future__ import annotations

@@ -3,9 +3,9 @@
 The writer is given the plan (every output tensor's name, shape and dtype) up front.
 It lays out the shards and writes each shard's header at once, so a tensor goes to
 its place on disk as soon as it is produced and is never held in a buffer. Output
-goes to a temporary folder beside the target, renamed into place by `commit`; an
+goes to a temporary folder beside the target, which `commit` renames into place. An
 exception inside the `with` block removes the temporary folder, so no half-written
-output is ever left at the target.
+output is left at the target.
 """
 
 from __future__ import annotations
