@@ -120,8 +120,12 @@ def run_recipe(recipe: Recipe, options: MergeOptions, progress: ProgressCallback
         inputs=[c.path for c in checkpoints],
         metadata={"mergekit_ext_version": __version__, "merge_method": method.name},
     ) as writer:
-        _stream(plan, inputs, method, writer, device, options, progress)
-        hashes = {str(c.path): c.sha256() for c in checkpoints}
+        # Input hashes for the model card are computed beside the merge: hashlib releases
+        # the GIL, so on a machine with a spare core this costs no wall time.
+        with ThreadPoolExecutor(max_workers=1) as hasher:
+            hash_futures = {str(c.path): hasher.submit(c.sha256) for c in checkpoints}
+            _stream(plan, inputs, method, writer, device, options, progress)
+            hashes = {path: future.result() for path, future in hash_futures.items()}
         _write_side_files(recipe, inputs, writer, out_dtype or _reference_dtype(plan), hashes, options)
         output = writer.commit()
 
@@ -350,23 +354,19 @@ def _check_tensor(name: str, shape: tuple[int, ...], inputs: _Inputs, truncate_v
     return truncate_rows
 
 
-def _load_group(item: _TensorPlan, inputs: _Inputs, device: torch.device) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
-    def load(checkpoint: Checkpoint) -> torch.Tensor:
-        tensor = checkpoint.load(item.name)
-        if item.truncate_rows is not None:
-            tensor = tensor[: item.truncate_rows]
-        if not item.mergeable:
-            return tensor
-        tensor = tensor.to(device=device, dtype=torch.float32)
-        if not torch.isfinite(tensor).all():
-            raise InvalidTensorError(
-                f"tensor {item.name!r} in {checkpoint.path} contains NaN or Inf values; "
-                "repair or re-export that checkpoint"
-            )
+def _load_one(item: _TensorPlan, checkpoint: Checkpoint, device: torch.device) -> torch.Tensor:
+    tensor = checkpoint.load(item.name)
+    if item.truncate_rows is not None:
+        tensor = tensor[: item.truncate_rows]
+    if not item.mergeable:
         return tensor
-
-    base = load(inputs.base) if inputs.base is not None else None
-    return base, [load(model) for model in inputs.models]
+    # Checked in the stored dtype: NaN and Inf survive the cast, and the pass is cheaper.
+    if not torch.isfinite(tensor).all():
+        raise InvalidTensorError(
+            f"tensor {item.name!r} in {checkpoint.path} contains NaN or Inf values; "
+            "repair or re-export that checkpoint"
+        )
+    return tensor.to(device=device, dtype=torch.float32)
 
 
 def _stream(
@@ -387,8 +387,10 @@ def _stream(
             count *= size
         return 4 * count * input_count
 
+    checkpoints = [c for c in [inputs.base, *inputs.models] if c is not None]
     with ThreadPoolExecutor(max_workers=max(1, options.read_threads)) as pool:
-        pending: deque[tuple[_TensorPlan, Future[Any]]] = deque()
+        # One read per input and tensor, so the inputs of one tensor load in parallel.
+        pending: deque[tuple[_TensorPlan, list[Future[torch.Tensor]]]] = deque()
         in_flight = 0
         position = 0
         done = 0
@@ -399,14 +401,17 @@ def _stream(
                 size = group_bytes(plan[position])
                 if pending and in_flight + size > options.prefetch_bytes:
                     break
-                pending.append((plan[position], pool.submit(_load_group, plan[position], inputs, device)))
+                futures = [pool.submit(_load_one, plan[position], checkpoint, device) for checkpoint in checkpoints]
+                pending.append((plan[position], futures))
                 in_flight += size
                 position += 1
-            item, future = pending.popleft()
-            base, models = future.result()
+            item, futures = pending.popleft()
+            loaded = [future.result() for future in futures]
+            base = loaded[0] if inputs.base is not None else None
+            models = loaded[1:] if inputs.base is not None else loaded
             in_flight -= group_bytes(item)
             writer.write(item.name, _merge_one(item, base, models, method, options.seed))
-            del base, models
+            del base, models, loaded
             done += 1
             if progress is not None:
                 progress(done, len(plan), item.name)
