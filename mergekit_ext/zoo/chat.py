@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import random
 import shutil
@@ -29,6 +28,7 @@ import torch
 
 from mergekit_ext.errors import OutputError
 from mergekit_ext.steer.template import PromptTemplate
+from mergekit_ext.zoo.causal_training import train_completions
 from mergekit_ext.zoo.cache import zoo_folder
 from mergekit_ext.zoo.chat_data import ATTRIBUTES, DEFAULT_DATA_DIR, ChatData, attach_instruction, load_chat_data, make_response
 from mergekit_ext.zoo.chat_eval import evaluate_chat_model
@@ -230,33 +230,18 @@ def _train(
     progress: ProgressCallback | None,
 ) -> float:
     """Train on the response tokens (and the closing end token) with AdamW and a cosine schedule."""
-    model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.learning_rate, weight_decay=0.01, betas=(0.9, 0.98))
-    warmup = max(1, settings.steps // 20)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(step, settings.steps) / settings.steps))
+
+    def next_batch(step: int) -> list[tuple[list[int], int]]:
+        batch = encoded[step * settings.batch_size : (step + 1) * settings.batch_size]
+        return batch or [rng.choice(encoded) for _ in range(settings.batch_size)]
+
+    return train_completions(
+        model,
+        next_batch,
+        steps=settings.steps,
+        learning_rate=settings.learning_rate,
+        weight_decay=0.01,
+        pad_id=pad_id,
+        stage="train",
+        progress=progress,
     )
-    started = time.perf_counter()
-    loss_value = float("nan")
-    for step in range(settings.steps):
-        batch = encoded[step * settings.batch_size : (step + 1) * settings.batch_size] or [rng.choice(encoded) for _ in range(settings.batch_size)]
-        width = max(len(ids) for ids, _ in batch)
-        input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-        labels = torch.full((len(batch), width), -100, dtype=torch.long)
-        attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, (ids, prompt_length) in enumerate(batch):
-            input_ids[row, : len(ids)] = torch.tensor(ids)
-            attention_mask[row, : len(ids)] = 1
-            labels[row, prompt_length : len(ids)] = torch.tensor(ids[prompt_length:])
-        loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        loss_value = float(loss.detach())
-        if progress is not None:
-            progress("train", step + 1, settings.steps)
-    logger.info("trained the chat model: %d steps in %.1f s, last loss %.4f", settings.steps, time.perf_counter() - started, loss_value)
-    model.eval()
-    return loss_value

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import random
 import shutil
@@ -28,6 +27,7 @@ from pathlib import Path
 import torch
 
 from mergekit_ext.errors import OutputError
+from mergekit_ext.zoo.causal_training import train_completions
 from mergekit_ext.zoo.cache import zoo_folder
 from mergekit_ext.zoo.reasoning_data import (
     EOS_TOKEN,
@@ -291,47 +291,27 @@ def _train(
     progress: ProgressCallback | None,
 ) -> None:
     """Train on (prompt, completion) pairs; the loss covers the completion and the eos token."""
-    model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.0, betas=(0.9, 0.98))
-    warmup = max(1, steps // 20)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda step: min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps)),
-    )
     encoded = [_encode(tokenizer, prompt, completion) for prompt, completion in documents]
-    started = time.perf_counter()
-    for step in range(steps):
-        batch = [encoded[rng.randrange(len(encoded))] for _ in range(settings.batch_size)]
-        input_ids, labels, attention_mask = _collate(batch, tokenizer.pad_token_id)
-        loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        if progress is not None:
-            progress(stage, step + 1, steps)
-    logger.info("Trained %s: %d steps in %.1f s, last loss %.4f", stage, steps, time.perf_counter() - started,
-                loss.item())
-    model.eval()
+
+    def next_batch(step: int) -> list[tuple[list[int], int]]:
+        return [encoded[rng.randrange(len(encoded))] for _ in range(settings.batch_size)]
+
+    train_completions(
+        model,
+        next_batch,
+        steps=steps,
+        learning_rate=learning_rate,
+        weight_decay=0.0,
+        pad_id=tokenizer.pad_token_id,
+        stage=stage,
+        progress=progress,
+    )
 
 
 def _encode(tokenizer, prompt: str, completion: str) -> tuple[list[int], int]:
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"] if prompt else []
     completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     return prompt_ids + completion_ids, len(prompt_ids)
-
-
-def _collate(batch: list[tuple[list[int], int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    length = max(len(ids) for ids, _ in batch)
-    input_ids = torch.full((len(batch), length), pad_id, dtype=torch.long)
-    labels = torch.full((len(batch), length), -100, dtype=torch.long)
-    attention_mask = torch.zeros((len(batch), length), dtype=torch.long)
-    for row, (ids, prompt_length) in enumerate(batch):
-        input_ids[row, : len(ids)] = torch.tensor(ids)
-        attention_mask[row, : len(ids)] = 1
-        labels[row, prompt_length : len(ids)] = torch.tensor(ids[prompt_length:])
-    return input_ids, labels, attention_mask
 
 
 def _save(model: torch.nn.Module, tokenizer, folder: Path) -> None:
