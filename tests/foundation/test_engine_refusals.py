@@ -80,7 +80,8 @@ def test_vocabulary_mismatch_and_truncation(tmp_path: Path) -> None:
     )
     with pytest.raises(IncompatibleModelsError, match="--truncate-vocab") as error:
         run_recipe(recipe, MergeOptions(output=tmp_path / "out"))
-    assert "32" in str(error.value) and "40" in str(error.value)
+    assert "32" in str(error.value)
+    assert "40" in str(error.value)
     assert_no_output(tmp_path)
 
     run_recipe(recipe, MergeOptions(output=tmp_path / "out", truncate_vocab=True))
