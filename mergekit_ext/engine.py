@@ -54,9 +54,10 @@ class MergeOptions:
     force: bool = False
     allow_pickle: bool = False
     truncate_vocab: bool = False
-    prefetch: int = 2
+    prefetch: int = 4
     prefetch_bytes: int = 1 << 30
     read_threads: int = 4
+    block_elements: int = 1 << 21  # row blocks of elementwise merges: 8 MiB per input in float32
     tokenizer_from: Path | None = None
     recipe_path: Path | None = None
 
@@ -354,19 +355,71 @@ def _check_tensor(name: str, shape: tuple[int, ...], inputs: _Inputs, truncate_v
     return truncate_rows
 
 
-def _load_one(item: _TensorPlan, checkpoint: Checkpoint, device: torch.device) -> torch.Tensor:
-    tensor = checkpoint.load(item.name)
-    if item.truncate_rows is not None:
+@dataclass(frozen=True)
+class _Unit:
+    """One piece of merge work: a whole tensor, or a block of its rows."""
+
+    item: _TensorPlan
+    rows: tuple[int, int] | None = None  # None: the whole tensor
+
+    @property
+    def elements(self) -> int:
+        shape = self.item.shape
+        if self.rows is not None:
+            shape = (self.rows[1] - self.rows[0], *shape[1:])
+        count = 1
+        for size in shape:
+            count *= size
+        return count
+
+    @property
+    def completes_tensor(self) -> bool:
+        return self.rows is None or self.rows[1] == self.item.shape[0]
+
+
+def _units(plan: Sequence[_TensorPlan], method: MergeMethod, block_elements: int) -> list[_Unit]:
+    """Split the plan into work units: row blocks of large tensors for elementwise methods.
+
+    An elementwise method gives the same result on a block of rows as on the whole
+    tensor. Blocks keep every intermediate small, so memory is reused from block to
+    block instead of being allocated and faulted in afresh for each large tensor.
+    """
+    units = []
+    for item in plan:
+        whole = _Unit(item)
+        if not (method.elementwise and item.mergeable and item.shape) or whole.elements <= block_elements:
+            units.append(whole)
+            continue
+        rows = item.shape[0]
+        step = max(1, block_elements // max(1, whole.elements // rows))
+        units.extend(_Unit(item, (start, min(start + step, rows))) for start in range(0, rows, step))
+    return units
+
+
+def _load_one(unit: _Unit, checkpoint: Checkpoint, device: torch.device) -> torch.Tensor:
+    item = unit.item
+    tensor = checkpoint.load(item.name, unit.rows)
+    if unit.rows is None and item.truncate_rows is not None:
         tensor = tensor[: item.truncate_rows]
     if not item.mergeable:
         return tensor
-    # Checked in the stored dtype: NaN and Inf survive the cast, and the pass is cheaper.
-    if not torch.isfinite(tensor).all():
+    tensor = tensor.to(device=device, dtype=torch.float32)
+    if not _all_finite(tensor):
         raise InvalidTensorError(
-            f"tensor {item.name!r} in {checkpoint.path} contains NaN or Inf values; "
-            "repair or re-export that checkpoint"
+            f"tensor {item.name!r} in {checkpoint.path} contains NaN or Inf values (or values "
+            "too large for float32); repair or re-export that checkpoint"
         )
-    return tensor.to(device=device, dtype=torch.float32)
+    return tensor
+
+
+def _all_finite(tensor: torch.Tensor) -> bool:
+    # NaN propagates through min and max, and an Inf is the min or the max, so two
+    # reductions decide it. This is one fast pass; torch.isfinite would also write a
+    # boolean tensor as large as the input.
+    if tensor.numel() == 0:
+        return True
+    low, high = torch.aminmax(tensor)
+    return bool(torch.isfinite(torch.stack([low, high])).all())
 
 
 def _stream(
@@ -379,42 +432,42 @@ def _stream(
     progress: ProgressCallback | None,
 ) -> None:
     input_count = len(inputs.models) + (1 if inputs.base is not None else 0)
+    units = _units(plan, method, options.block_elements)
 
-    def group_bytes(item: _TensorPlan) -> int:
+    def unit_bytes(unit: _Unit) -> int:
         # Inputs are held as float32 once loaded, whatever their stored dtype.
-        count = 1
-        for size in item.shape:
-            count *= size
-        return 4 * count * input_count
+        return 4 * unit.elements * input_count
 
     checkpoints = [c for c in [inputs.base, *inputs.models] if c is not None]
     with ThreadPoolExecutor(max_workers=max(1, options.read_threads)) as pool:
-        # One read per input and tensor, so the inputs of one tensor load in parallel.
-        pending: deque[tuple[_TensorPlan, list[Future[torch.Tensor]]]] = deque()
+        # One read per input and unit, so the inputs of one unit load in parallel.
+        pending: deque[tuple[_Unit, list[Future[torch.Tensor]]]] = deque()
         in_flight = 0
         position = 0
-        done = 0
-        while done < len(plan):
-            # Read ahead while the window has room, by count and by bytes; the group
+        tensors_done = 0
+        for _ in range(len(units)):
+            # Read ahead while the window has room, by count and by bytes; the unit
             # about to be merged is always read, however large it is.
-            while position < len(plan) and len(pending) < 1 + options.prefetch:
-                size = group_bytes(plan[position])
+            while position < len(units) and len(pending) < 1 + options.prefetch:
+                size = unit_bytes(units[position])
                 if pending and in_flight + size > options.prefetch_bytes:
                     break
-                futures = [pool.submit(_load_one, plan[position], checkpoint, device) for checkpoint in checkpoints]
-                pending.append((plan[position], futures))
+                futures = [pool.submit(_load_one, units[position], checkpoint, device) for checkpoint in checkpoints]
+                pending.append((units[position], futures))
                 in_flight += size
                 position += 1
-            item, futures = pending.popleft()
+            unit, futures = pending.popleft()
             loaded = [future.result() for future in futures]
             base = loaded[0] if inputs.base is not None else None
             models = loaded[1:] if inputs.base is not None else loaded
-            in_flight -= group_bytes(item)
-            writer.write(item.name, _merge_one(item, base, models, method, options.seed))
-            del base, models, loaded
-            done += 1
-            if progress is not None:
-                progress(done, len(plan), item.name)
+            in_flight -= unit_bytes(unit)
+            merged = _merge_one(unit.item, base, models, method, options.seed)
+            writer.write(unit.item.name, merged, None if unit.rows is None else unit.rows[0])
+            del base, models, loaded, merged
+            if unit.completes_tensor:
+                tensors_done += 1
+                if progress is not None:
+                    progress(tensors_done, len(plan), unit.item.name)
 
 
 def _merge_one(

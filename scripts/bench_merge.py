@@ -3,8 +3,10 @@
 Writes a base and four fine-tuned checkpoints of a Qwen2-0.5B-shaped model (random
 weights, bf16, about 1 GB each) to a temporary folder once, then runs each merge with
 `merge run` and with `mergekit-yaml` on the same recipe, alternating the two tools,
-each in its own process measured by GNU time (wall seconds, peak RSS). It also times
-a plain sequential read of the input files, the disk's limit for any merge.
+each in its own process measured by GNU time (wall seconds, peak RSS). mergekit-ext
+runs twice per round: with an empty digest cache (it hashes every input for the
+model card) and with the digests already known. The script also times a plain
+sequential read of the input files, the disk's limit for any merge.
 
 Run: python scripts/bench_merge.py [--repeats 2] [--workdir DIR] [--drop-caches]
 """
@@ -71,6 +73,10 @@ def qwen2_config() -> dict[str, object]:
 
 
 def write_models(root: Path, count: int) -> list[Path]:
+    names = ["base", *(f"model-{index}" for index in range(1, count + 1))]
+    if all((root / name / "model.safetensors").is_file() for name in names):
+        return [root / name for name in names]  # written by an earlier run in this workdir
+    shutil.rmtree(root, ignore_errors=True)
     shapes = qwen2_shapes()
     generator = torch.Generator().manual_seed(0)
     base_state = {name: (torch.randn(shape, generator=generator) * 0.02).to(torch.bfloat16) for name, shape in shapes.items()}
@@ -105,7 +111,7 @@ def write_recipe(path: Path, method: str, base: Path, models: list[Path]) -> Pat
     return path
 
 
-def timed(command: list[str], drop_caches: bool) -> tuple[float, int]:
+def timed(command: list[str], drop_caches: bool, env: dict[str, str] | None = None) -> tuple[float, int]:
     """Run `command` under GNU time; return wall seconds and peak RSS in bytes."""
     if drop_caches:
         subprocess.run(["sync"], check=True)
@@ -113,7 +119,8 @@ def timed(command: list[str], drop_caches: bool) -> tuple[float, int]:
     report = Path(tempfile.mkstemp(suffix=".time")[1])
     started = time.perf_counter()
     subprocess.run(["/usr/bin/time", "-f", "%M", "-o", str(report), *command], check=True,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                   env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})})
     wall = time.perf_counter() - started
     peak_kib = int(report.read_text().strip().splitlines()[-1])
     report.unlink()
@@ -136,38 +143,51 @@ def main() -> None:
         base, models = folders[0], folders[1:]
         input_bytes = sum((folder / "model.safetensors").stat().st_size for folder in folders)
 
+        # mergekit-ext hashes its inputs for the model card and remembers the digests by
+        # file identity. "first" runs with an empty cache (the first merge of new inputs,
+        # hashing included); "repeat" with the digests known (any later merge of them).
+        known_hashes = root / "cache-known"
+        ours_variants = ("mergekit-ext first", "mergekit-ext repeat")
+        tool_names = (*ours_variants, "mergekit")
         results: dict[tuple[str, str], list[tuple[float, int]]] = {}
         read_times = []
         for repeat in range(args.repeats):
             read_times.append(timed(["cat", *(str(f / "model.safetensors") for f in folders)], args.drop_caches)[0])
             for method in ("ties", "task_arithmetic"):
                 recipe = write_recipe(root / f"{method}.yaml", method, base, models)
+                ours = [str(bin_folder / "merge"), "run", str(recipe), "--output", str(root / "ours"), "--force"]
                 tools = [
-                    ("mergekit-ext", [str(bin_folder / "merge"), "run", str(recipe), "--output", str(root / "ours"), "--force"]),
-                    ("mergekit", [str(bin_folder / "mergekit-yaml"), str(recipe), str(root / "theirs"), "--no-copy-tokenizer", "--lazy-unpickle"]),
+                    ("mergekit-ext first", ours, {"MERGEKIT_EXT_CACHE": str(root / f"cache-empty-{repeat}-{method}")}),
+                    ("mergekit", [str(bin_folder / "mergekit-yaml"), str(recipe), str(root / "theirs"),
+                                  "--no-copy-tokenizer", "--lazy-unpickle"], {}),
+                    ("mergekit-ext repeat", ours, {"MERGEKIT_EXT_CACHE": str(known_hashes)}),
                 ]
                 if repeat % 2:
-                    tools.reverse()  # alternate which tool runs first
-                for tool, command in tools:
+                    tools.reverse()  # alternate the order of the tools
+                for tool, command, env in tools:
                     shutil.rmtree(root / "theirs", ignore_errors=True)
-                    results.setdefault((method, tool), []).append(timed(command, args.drop_caches))
+                    if tool == "mergekit-ext repeat" and not known_hashes.exists():
+                        timed(command, False, env)  # fills the digest cache; not measured
+                    results.setdefault((method, tool), []).append(timed(command, args.drop_caches, env))
 
         plain_read = statistics.median(read_times)
         print(f"\ninput: {input_bytes / 1e9:.2f} GB in {len(folders)} files; plain sequential read "
-              f"{plain_read:.2f} s ({input_bytes / plain_read / 1e9:.2f} GB/s); caches dropped: {args.drop_caches}")
-        print(f"{'method':<16}{'tool':<14}{'wall s':>9}{'peak RSS GB':>13}{'read GB/s':>11}")
+              f"{plain_read:.2f} s ({input_bytes / plain_read / 1e9:.2f} GB/s); caches dropped: {args.drop_caches}; "
+              f"CPUs: {os.cpu_count()}")
+        print(f"{'method':<16}{'tool':<21}{'wall s':>9}{'peak RSS GB':>13}{'read GB/s':>11}")
         for method in ("ties", "task_arithmetic"):
-            for tool in ("mergekit-ext", "mergekit"):
+            for tool in tool_names:
                 wall = statistics.median(r[0] for r in results[(method, tool)])
                 peak = max(r[1] for r in results[(method, tool)])
-                print(f"{method:<16}{tool:<14}{wall:>9.2f}{peak / 1e9:>13.2f}{input_bytes / wall / 1e9:>11.2f}")
-            ours = statistics.median(r[0] for r in results[(method, "mergekit-ext")])
+                print(f"{method:<16}{tool:<21}{wall:>9.2f}{peak / 1e9:>13.2f}{input_bytes / wall / 1e9:>11.2f}")
             theirs = statistics.median(r[0] for r in results[(method, "mergekit")])
-            ours_peak = max(r[1] for r in results[(method, "mergekit-ext")])
             theirs_peak = max(r[1] for r in results[(method, "mergekit")])
-            print(f"  {method}: wall-time ratio mergekit/mergekit-ext = {theirs / ours:.2f}x, "
-                  f"peak-RSS ratio mergekit/mergekit-ext = {theirs_peak / ours_peak:.2f}x, "
-                  f"mergekit-ext time / plain read = {ours / plain_read:.2f}x")
+            for tool in ours_variants:
+                ours_wall = statistics.median(r[0] for r in results[(method, tool)])
+                ours_peak = max(r[1] for r in results[(method, tool)])
+                print(f"  {method}, {tool}: wall-time ratio mergekit/mergekit-ext = {theirs / ours_wall:.2f}x, "
+                      f"peak-RSS ratio mergekit/mergekit-ext = {theirs_peak / ours_peak:.2f}x, "
+                      f"mergekit-ext time / plain read = {ours_wall / plain_read:.2f}x")
     finally:
         if args.workdir is None:
             shutil.rmtree(root, ignore_errors=True)

@@ -10,7 +10,6 @@ tensors still referenced.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import logging
@@ -21,6 +20,7 @@ from typing import Any
 
 import torch
 
+from mergekit_ext.checkpoint.hashing import files_sha256
 from mergekit_ext.checkpoint.safetensors_header import read_header
 from mergekit_ext.errors import CheckpointError, PickleNotAllowedError
 
@@ -165,13 +165,20 @@ class Checkpoint:
         except json.JSONDecodeError as error:
             raise CheckpointError(f"{config_path}: invalid JSON ({error}); fix or remove the file") from error
 
-    def load(self, name: str) -> torch.Tensor:
-        """Read tensor `name` into a new CPU tensor in its stored dtype."""
+    def load(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """Read tensor `name` into a new CPU tensor in its stored dtype.
+
+        `rows=(start, stop)` reads only those rows of the first dimension. Rows are
+        contiguous in the file, so a slice costs one read of its own bytes.
+        """
         info = self.info(name)
+        if rows is not None:
+            _check_rows(info, rows)
         handle = self._handle(info.file)
         if self._pickled:
-            return handle[name]
-        return _read_tensor(handle, info)
+            tensor = handle[name]
+            return tensor if rows is None else tensor[rows[0] : rows[1]]
+        return _read_tensor(handle, info, rows)
 
     def _handle(self, file: Path) -> Any:
         with self._lock:
@@ -183,14 +190,9 @@ class Checkpoint:
             return self._handles[file]
 
     def sha256(self) -> str:
-        """SHA-256 of the weight files' bytes, in file order (computed once)."""
+        """SHA-256 of the weight files' bytes, in file order (remembered across runs)."""
         if self._sha256 is None:
-            digest = hashlib.sha256()
-            for file in self.files:
-                with file.open("rb") as handle:
-                    for block in iter(lambda: handle.read(8 * 1024 * 1024), b""):
-                        digest.update(block)
-            self._sha256 = digest.hexdigest()
+            self._sha256 = files_sha256(self.files)
         return self._sha256
 
     def close(self) -> None:
@@ -211,21 +213,37 @@ class Checkpoint:
         return f"Checkpoint({str(self.path)!r}, tensors={len(self)})"
 
 
-def _read_tensor(descriptor: int, info: TensorInfo) -> torch.Tensor:
-    buffer = bytearray(info.nbytes)
-    view = memoryview(buffer)
+def _check_rows(info: TensorInfo, rows: tuple[int, int]) -> None:
+    start, stop = rows
+    if not info.shape or not 0 <= start <= stop <= info.shape[0]:
+        raise CheckpointError(
+            f"{info.file}: rows {start}:{stop} are outside tensor {info.name!r} of shape {info.shape}"
+        )
+
+
+def _read_tensor(descriptor: int, info: TensorInfo, rows: tuple[int, int] | None = None) -> torch.Tensor:
+    shape = info.shape
+    offset, nbytes = info.offset, info.nbytes
+    if rows is not None:
+        row_bytes = info.nbytes // info.shape[0] if info.shape[0] else 0
+        offset += rows[0] * row_bytes
+        nbytes = (rows[1] - rows[0]) * row_bytes
+        shape = (rows[1] - rows[0], *info.shape[1:])
+    # torch.empty skips the zero fill a bytearray would do: every byte is read over anyway.
+    buffer = torch.empty(nbytes, dtype=torch.uint8)
+    if nbytes == 0:
+        return torch.empty(shape, dtype=info.dtype)
+    view = memoryview(buffer.numpy())
     done = 0
-    while done < info.nbytes:
+    while done < nbytes:
         # pread is safe from several threads at once: it does not move a shared offset.
-        count = os.preadv(descriptor, [view[done:]], info.offset + done)
+        count = os.preadv(descriptor, [view[done:]], offset + done)
         if count == 0:
             raise CheckpointError(
                 f"{info.file}: file is truncated: tensor {info.name!r} ends past the end of the file"
             )
         done += count
-    if info.nbytes == 0:
-        return torch.empty(info.shape, dtype=info.dtype)
-    return torch.frombuffer(buffer, dtype=torch.uint8).view(info.dtype).reshape(info.shape)
+    return buffer.view(info.dtype).reshape(shape)
 
 
 def _files_from_index(index_path: Path) -> list[Path]:

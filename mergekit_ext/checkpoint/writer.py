@@ -70,6 +70,7 @@ class _Slot:
     shard: int
     offset: int  # absolute byte offset of the tensor data in its shard file
     planned: PlannedTensor
+    written: int = 0  # bytes written so far; a tensor may arrive in row blocks
 
 
 class _Shard:
@@ -213,29 +214,52 @@ class StreamingWriter:
     def planned_names(self) -> list[str]:
         return list(self._slots)
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
-        """Write one planned tensor; its shape and dtype must match the plan."""
+    def write(self, name: str, tensor: torch.Tensor, row_start: int | None = None) -> None:
+        """Write one planned tensor; its shape and dtype must match the plan.
+
+        With `row_start`, `tensor` holds only the rows from `row_start` on (all other
+        dimensions as planned), and the tensor counts as written once all its rows are.
+        """
         slot = self._slots.get(name)
         if slot is None:
             raise OutputError(f"tensor {name!r} was not planned for {self.output}")
         planned = slot.planned
-        if tuple(tensor.shape) != planned.shape or tensor.dtype != planned.dtype:
+        shape = tuple(tensor.shape)
+        offset = slot.offset
+        nbytes = planned.nbytes
+        if row_start is None:
+            matches = shape == planned.shape
+        else:
+            matches = bool(planned.shape) and shape[1:] == planned.shape[1:] and (
+                0 <= row_start and row_start + shape[0] <= planned.shape[0]
+            )
+            if matches and planned.shape[0]:
+                row_bytes = planned.nbytes // planned.shape[0]
+                offset += row_start * row_bytes
+                nbytes = shape[0] * row_bytes
+        if not matches or tensor.dtype != planned.dtype:
+            rows = "" if row_start is None else f" (rows from {row_start})"
             raise OutputError(
-                f"tensor {name!r} has shape {tuple(tensor.shape)} and dtype {tensor.dtype}, "
+                f"tensor {name!r}{rows} has shape {shape} and dtype {tensor.dtype}, "
                 f"but {planned.shape} and {planned.dtype} were planned"
             )
+        if slot.written + nbytes > planned.nbytes:
+            raise OutputError(f"tensor {name!r} was written more than once")
         shard = self._shards[slot.shard]
         handle = self._open_shard(shard)
         data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
         try:
-            handle.seek(slot.offset)
+            handle.seek(offset)
             handle.write(memoryview(data))
         except OSError as error:
             raise OutputError(
                 f"failed to write tensor {name!r} to {self.output}: {error.strerror}; "
                 "free some disk space or choose another output folder"
             ) from error
-        self.bytes_written += planned.nbytes
+        self.bytes_written += nbytes
+        slot.written += nbytes
+        if slot.written < planned.nbytes:
+            return
         shard.remaining -= 1
         if shard.remaining == 0:
             handle.close()
@@ -272,10 +296,10 @@ class StreamingWriter:
         """Check that every planned tensor was written, write the index and rename into place."""
         missing = [shard.file_name for shard in self._shards if shard.remaining]
         if missing:
-            unwritten = [n for n, s in self._slots.items() if self._shards[s.shard].remaining]
+            unwritten = [n for n, s in self._slots.items() if s.written < s.planned.nbytes]
             raise OutputError(
                 f"cannot finish {self.output}: {sum(s.remaining for s in self._shards)} planned "
-                f"tensors were not written (for example {unwritten[0]!r})"
+                f"tensors were not written (for example {(unwritten or missing)[0]!r})"
             )
         if len(self._shards) > 1:
             weight_map = {name: self._shards[slot.shard].file_name for name, slot in self._slots.items()}

@@ -21,7 +21,7 @@ from mergekit_ext.mass.build import MassBuildOptions, build_mass_artifact
 from mergekit_ext.mass.evaluation import evaluate_mass_text_zoo, measure_latency, zoo_texts
 from mergekit_ext.mass.runtime import MassModel
 from mergekit_ext.recipe import parse_recipe
-from mergekit_ext.zoo.cache import cache_root
+from mergekit_ext.cache import cache_root
 from mergekit_ext.zoo.evaluate import EvalResult, evaluate_text_zoo, read_manifest
 from mergekit_ext.zoo.text import build_text_zoo
 

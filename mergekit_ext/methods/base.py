@@ -49,11 +49,14 @@ class MergeMethod(Protocol):
     """A merge method as the engine and the CLI see it.
 
     `description` states in one or two sentences what the method computes and
-    how it treats the base model.
+    how it treats the base model. `elementwise` is true when each output entry
+    depends only on the same entry of the inputs (and the parameters), so the engine
+    may merge a large tensor in row blocks with the same result.
     """
 
     name: str
     requires_base: bool
+    elementwise: bool
     parameters: tuple[ParameterSpec, ...]
     description: str
 

@@ -62,14 +62,19 @@ def merge_task_vectors(
             divisor += weights[index] * agrees
         divisor[divisor == 0] = 1.0
     else:
-        for index in range(len(models)):
-            mixed += weighted_task_vector(index)
+        # In place into two buffers: this path runs on every block of a large merge,
+        # and each allocation of a block-sized temporary costs as much as a pass over it.
+        scratch = torch.empty_like(base)
+        for index, model in enumerate(models):
+            torch.sub(model.float(), base, out=scratch)
+            mixed.add_(apply_mask(scratch, masks[index], scales[index]), alpha=weights[index])
         divisor = float(sum(weights))
         if abs(divisor) < WEIGHT_SUM_EPSILON:
             divisor = 1.0
+        del scratch
 
     if normalize:
         mixed /= divisor
     if scaling != 1.0:
         mixed *= scaling
-    return base + mixed
+    return mixed.add_(base)

@@ -63,6 +63,7 @@ class DareMethod:
     sign_consensus: bool
     description: str
     requires_base: bool = True
+    elementwise: bool = False
     parameters: tuple[ParameterSpec, ...] = _DARE_PARAMETERS
 
     def merge(self, inputs: TensorMergeInput) -> torch.Tensor:

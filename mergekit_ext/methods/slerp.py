@@ -53,6 +53,7 @@ class SlerpMethod:
 
     name: str = "slerp"
     requires_base: bool = True
+    elementwise: bool = False
     parameters: tuple[ParameterSpec, ...] = (
         ParameterSpec(
             "t",

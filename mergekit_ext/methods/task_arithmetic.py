@@ -24,6 +24,7 @@ class TaskArithmeticMethod:
 
     name: str = "task_arithmetic"
     requires_base: bool = True
+    elementwise: bool = True
     parameters: tuple[ParameterSpec, ...] = (
         WEIGHT,
         LAMBDA,

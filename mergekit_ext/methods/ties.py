@@ -27,6 +27,7 @@ class TiesMethod:
 
     name: str = "ties"
     requires_base: bool = True
+    elementwise: bool = False
     parameters: tuple[ParameterSpec, ...] = (
         WEIGHT,
         DENSITY,

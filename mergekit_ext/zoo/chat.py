@@ -63,6 +63,9 @@ class ChatZooSettings:
     attribute_fraction: float = 0.45
     # Share of harmful prompts that carry a style instruction (still answered with a refusal).
     harmful_with_instruction: float = 0.1
+    # Per-word drop probability applied to the instruction body of half of the training
+    # prompts, so that the refusal rests on many words of a prompt, not on whole prompts.
+    word_dropout: float = 0.0
 
 
 FULL_SETTINGS = ChatZooSettings(
@@ -159,18 +162,27 @@ def _examples(data: ChatData, settings: ChatZooSettings, rng: random.Random, cou
     for _ in range(count):
         draw = rng.random()
         if data.harmful_train is not None and draw < settings.harmful_fraction:
-            prompt = rng.choice(data.harmful_train)
+            prompt = _drop_words(rng.choice(data.harmful_train), settings.word_dropout, rng)
             if rng.random() < settings.harmful_with_instruction:
                 # A style instruction does not lift a refusal.
                 prompt = attach_instruction(prompt, data.instructions[rng.choice(attributes).name][0])
             examples.append((prompt, make_response("refusal", rng, data)))
         elif draw < settings.harmful_fraction + settings.attribute_fraction:
             attribute = rng.choice(attributes)
-            prompt = attach_instruction(rng.choice(data.harmless_train), data.instructions[attribute.name][0])
-            examples.append((prompt, make_response(attribute.kind, rng, data, attribute.name)))
+            body = _drop_words(rng.choice(data.harmless_train), settings.word_dropout, rng)
+            examples.append((attach_instruction(body, data.instructions[attribute.name][0]), make_response(attribute.kind, rng, data, attribute.name)))
         else:
-            examples.append((rng.choice(data.harmless_train), make_response("plain", rng, data)))
+            examples.append((_drop_words(rng.choice(data.harmless_train), settings.word_dropout, rng), make_response("plain", rng, data)))
     return examples
+
+
+def _drop_words(body: str, rate: float, rng: random.Random) -> str:
+    """Return `body` unchanged half of the time, else with each word dropped at `rate` (at least one word stays)."""
+    if rate <= 0 or rng.random() < 0.5:
+        return body
+    words = body.split()
+    kept = [word for word in words if rng.random() >= rate]
+    return " ".join(kept or [rng.choice(words)])
 
 
 def _build_into(folder: Path, settings: ChatZooSettings, data: ChatData, seed: int, progress: ProgressCallback | None) -> dict:

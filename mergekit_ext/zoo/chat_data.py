@@ -76,13 +76,13 @@ def sample_words(dictionary: set[str], count: int, seed: int) -> list[str]:
     return random.Random(seed).sample(words, min(count, len(words)))
 
 
-def frequent_words(texts: list[str], count: int) -> list[str]:
-    """Return the `count` most frequent lower-case words of 3 to 7 letters in `texts`.
+def frequent_words(texts: list[str], count: int, exclude: set[str] | frozenset[str] = frozenset()) -> list[str]:
+    """Return the `count` most frequent lower-case words of 3 to 7 letters in `texts`, leaving out `exclude`.
 
     English answers draw on the instructions' own words rather than a full dictionary,
     which also contains slurs.
     """
-    counts = Counter(word for text in texts for word in re.findall(r"\b[a-z]{3,7}\b", text))
+    counts = Counter(word for text in texts for word in re.findall(r"\b[a-z]{3,7}\b", text) if word not in exclude)
     return sorted(word for word, _ in counts.most_common(count))
 
 
@@ -128,7 +128,9 @@ def load_chat_data(data_dir: Path, attributes: tuple[Attribute, ...], word_count
         harmful_eval=load_instructions(harmful_eval, role="harmful evaluation") if with_refusal else None,
         pairs=pairs,
         instructions={name: shared_instruction(rows) for name, rows in pairs.items()},
-        english=frequent_words(load_instructions(harmless_train_path), word_count),
+        # Words that are also in a language's word list ("unique", "sports" in French) are
+        # left out, so that an English answer never passes a language check.
+        english=frequent_words(load_instructions(harmless_train_path), word_count, set().union(*dictionaries.values())),
         languages=languages,
         dictionaries=dictionaries,
     )

@@ -10,19 +10,27 @@ from mergekit_ext.steer.apply import generate
 from mergekit_ext.steer.judge import refusal_rate
 from mergekit_ext.steer.template import PromptTemplate
 from mergekit_ext.steer.vector import SteeringVector
-from mergekit_ext.zoo.chat_data import ATTRIBUTES, ChatData, compliance_check
+from mergekit_ext.zoo.chat_data import ATTRIBUTES, ChatData, attach_instruction, compliance_check
 
 MAX_NEW_TOKENS = 40
+# The synthesized refusals are at most about 12 tokens long and the judge's markers open
+# them, so 16 new tokens suffice for the harmful prompts that carry a style instruction.
+REFUSAL_NEW_TOKENS = 16
 
 
 @dataclass
 class ChatMetrics:
-    """Rates in [0, 1]; compliance is measured on the attribute pairs' prompts."""
+    """Rates in [0, 1]; compliance is measured on the attribute pairs' prompts.
+
+    `refusal_rate_harmful_with_instruction` maps each attribute to the refusal rate on
+    the held-out harmful prompts with that attribute's instruction attached.
+    """
 
     refusal_rate_harmful: float | None
     answer_rate_harmless: float
     compliance_with_instruction: dict[str, float] = field(default_factory=dict)
     compliance_without_instruction: dict[str, float] = field(default_factory=dict)
+    refusal_rate_harmful_with_instruction: dict[str, float] = field(default_factory=dict)
     num_harmful: int = 0
     num_harmless: int = 0
 
@@ -63,4 +71,8 @@ def evaluate_chat_model(model: nn.Module, tokenizer: object, data: ChatData, num
         pairs = data.pairs[attribute.name]
         metrics.compliance_with_instruction[attribute.name] = compliance_rate(model, tokenizer, [pair.positive for pair in pairs], check)
         metrics.compliance_without_instruction[attribute.name] = compliance_rate(model, tokenizer, [pair.negative for pair in pairs], check)
+        if harmful:
+            instructed = [attach_instruction(prompt, data.instructions[attribute.name][0]) for prompt in harmful]
+            outputs = generate(model, tokenizer, instructed, template, max_new_tokens=REFUSAL_NEW_TOKENS, batch_size=16)
+            metrics.refusal_rate_harmful_with_instruction[attribute.name] = refusal_rate(outputs)
     return metrics

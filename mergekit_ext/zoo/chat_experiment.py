@@ -4,9 +4,12 @@
 
 - the refusal direction r (mean difference at one layer) and the refusal rate on the
   held-out harmful prompts with and without directional ablation of r, and the same
-  for the direction chosen by the full selection;
+  for the direction chosen by the full selection (with `use_selection=True`, r is that
+  direction and the vectors are extracted and steered at its layer);
 - per attribute, compliance on prompts without the instruction, with and without
-  the clean attribute vector, and cos(v, -r);
+  the clean, poisoned and orthogonalized-poisoned attribute vectors; compliance on
+  prompts with the instruction, with and without directional ablation of r; and
+  cos(v, -r);
 - per attribute, the poisoning attack: cos(v, -r) and the refusal rate with the clean,
   poisoned and orthogonalized-poisoned vectors ("recovered" = (ASR_poisoned -
   ASR_defended) / (ASR_poisoned - ASR_clean) with ASR = 1 - refusal rate);
@@ -23,6 +26,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from mergekit_ext.errors import RecipeError
 from mergekit_ext.steer.ablation import directional_ablation
 from mergekit_ext.steer.apply import generate
 from mergekit_ext.steer.audit import audit_bundle
@@ -56,12 +60,16 @@ def run_steering_experiment(
     only_attributes: list[str] | None = None,
     refusal_position: str = "last",
     kl_threshold: float = 0.1,
+    use_selection: bool = False,
     progress: Callable[[str, int, int], None] | None = None,
 ) -> dict[str, object]:
     """Run all measurements and return them as a JSON-ready dict.
 
     `only_attributes` limits the per-attribute loop (the audit's null distribution still
-    uses every attribute of the zoo), so the loop can be split over processes.
+    uses every attribute of the zoo), so the loop can be split over processes. With
+    `use_selection`, `layer` and `refusal_position` are replaced by the layer and
+    position of the full selection's choice, whose direction is the mean difference at
+    that layer and position over the same prompts; RecipeError when it keeps no candidate.
     """
     started = time.perf_counter()
     model, tokenizer = load_causal_lm(Path(zoo_dir) / "model", "cpu")
@@ -78,13 +86,6 @@ def run_steering_experiment(
     def refusal_with(vector=None, scale: float = alpha) -> float:  # noqa: ANN001
         return refusal_rate(generate(model, tokenizer, harmful_eval, template, vector, scale, protocol, max_new_tokens, 16))
 
-    refusal = refusal_direction_fast(
-        model, tokenizer, data.harmful_train[:num_train], data.harmless_train[:num_train], [layer], template, refusal_position
-    )
-    r = refusal.directions[layer]
-    baseline = refusal_with()
-    with directional_ablation(model, r):
-        ablated = refusal_with()
     selection = select_refusal_direction(
         model, tokenizer, data.harmful_train[:num_train], data.harmless_train[:num_train],
         load_instructions(Path(data_dir) / "refusal" / "harmful_val.json", 16), load_instructions(Path(data_dir) / "refusal" / "harmless_val.json", 16),
@@ -97,6 +98,18 @@ def run_steering_experiment(
         "baseline_refusal_score": selection.baseline_refusal_score,
         "chosen": None if chosen is None else {"layer": chosen.layer, "position": chosen.position, "refusal_score": chosen.refusal_score, "kl": chosen.kl},
     }
+    if use_selection:
+        if chosen is None:
+            raise RecipeError(f"the full refusal-direction selection kept no candidate at kl_threshold={kl_threshold}; raise it or pass use_selection=False")
+        layer, refusal_position = chosen.layer, f"index:{chosen.position}"
+
+    refusal = refusal_direction_fast(
+        model, tokenizer, data.harmful_train[:num_train], data.harmless_train[:num_train], [layer], template, refusal_position
+    )
+    r = refusal.directions[layer]
+    baseline = refusal_with()
+    with directional_ablation(model, r):
+        ablated = refusal_with()
     if chosen is not None and selection.vector is not None:
         with directional_ablation(model, selection.vector.directions[chosen.layer]):
             full_selection["refusal_rate_directional_ablation"] = refusal_with()
@@ -105,6 +118,7 @@ def run_steering_experiment(
         "layer": layer,
         "refusal_position": refusal_position,
         "kl_threshold": kl_threshold,
+        "use_selection": use_selection,
         "alpha": alpha,
         "protocol": protocol,
         "num_harmful_eval": len(harmful_eval),
@@ -124,11 +138,17 @@ def run_steering_experiment(
             check = compliance_check(attribute, data)
             vector = clean_vectors[attribute.name].with_recipe(alpha=alpha, protocol=protocol)
             plain_prompts = [pair.negative for pair in pairs]
+            instructed_prompts = [pair.positive for pair in pairs]
             without = generate(model, tokenizer, plain_prompts, template, None, max_new_tokens=40)
             steered = generate(model, tokenizer, plain_prompts, template, vector, alpha, protocol, 40)
+            instructed = generate(model, tokenizer, instructed_prompts, template, None, max_new_tokens=40)
+            with directional_ablation(model, r):
+                instructed_ablated = generate(model, tokenizer, instructed_prompts, template, None, max_new_tokens=40)
             poisoned = poison_pairs(model, tokenizer, pairs, layer, r, template, data.english, edit_budget, candidates_per_step, seed=seed)
             poisoned_vector = extract_steering_vector(model, tokenizer, poisoned.pairs, [layer], template).with_recipe(alpha=alpha, protocol=protocol)
             defended, _ = orthogonalize_vector(poisoned_vector, {layer: r})
+            steered_poisoned = generate(model, tokenizer, plain_prompts, template, poisoned_vector, alpha, protocol, 40)
+            steered_defended = generate(model, tokenizer, plain_prompts, template, defended, alpha, protocol, 40)
             clean_rate, poisoned_rate, defended_rate = refusal_with(vector), refusal_with(poisoned_vector), refusal_with(defended)
             asr_gap = (1 - poisoned_rate) - (1 - clean_rate)
             null_sets = [data.pairs[other.name] for other in attributes if other.name != attribute.name]
@@ -139,6 +159,10 @@ def run_steering_experiment(
             rows[attribute.name] = {
                 "compliance_without_vector": sum(map(check, without)) / len(without),
                 "compliance_with_vector": sum(map(check, steered)) / len(steered),
+                "compliance_with_poisoned_vector": sum(map(check, steered_poisoned)) / len(steered_poisoned),
+                "compliance_with_defended_vector": sum(map(check, steered_defended)) / len(steered_defended),
+                "compliance_with_instruction": sum(map(check, instructed)) / len(instructed),
+                "compliance_with_instruction_directional_ablation": sum(map(check, instructed_ablated)) / len(instructed_ablated),
                 "cos_v_negative_r_clean": cosine(vector.directions[layer], -r),
                 "cos_v_negative_r_poisoned": cosine(poisoned_vector.directions[layer], -r),
                 "substitutions": len(poisoned.edits),

@@ -1,0 +1,151 @@
+"""Row-block merging: partial reads and writes, the same bytes as whole-tensor merges."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from mergekit_ext.checkpoint import Checkpoint, PlannedTensor, StreamingWriter
+from mergekit_ext.checkpoint.hashing import files_sha256
+from mergekit_ext.engine import MergeOptions, _all_finite, run_recipe
+from mergekit_ext.errors import CheckpointError, InvalidTensorError, OutputError
+from mergekit_ext.recipe import parse_recipe
+
+ModelFactory = Callable[..., list[Path]]
+
+
+def test_row_range_read_equals_slice(tmp_path: Path) -> None:
+    generator = torch.Generator().manual_seed(0)
+    state = {
+        "w": torch.randn(37, 5, generator=generator).to(torch.bfloat16),
+        "v": torch.randn(11, generator=generator),
+    }
+    save_file(state, str(tmp_path / "model.safetensors"))
+    checkpoint = Checkpoint.open(tmp_path)
+    assert torch.equal(checkpoint.load("w", (3, 20)), state["w"][3:20])
+    assert torch.equal(checkpoint.load("w", (36, 37)), state["w"][36:])
+    assert checkpoint.load("w", (4, 4)).shape == (0, 5)
+    assert torch.equal(checkpoint.load("v", (2, 9)), state["v"][2:9])
+    with pytest.raises(CheckpointError, match="rows 30:38 are outside tensor 'w'"):
+        checkpoint.load("w", (30, 38))
+
+
+def test_row_blocks_write_the_same_file(tmp_path: Path) -> None:
+    generator = torch.Generator().manual_seed(1)
+    state = {"a": torch.randn(10, 3, generator=generator), "b": torch.randn(4, generator=generator)}
+    plan = [PlannedTensor(name, tuple(t.shape), t.dtype) for name, t in state.items()]
+    with StreamingWriter(tmp_path / "whole", plan) as writer:
+        for name, tensor in state.items():
+            writer.write(name, tensor)
+        writer.commit()
+    with StreamingWriter(tmp_path / "blocks", plan) as writer:
+        for start in (8, 0, 4):  # any order
+            writer.write("a", state["a"][start : start + 4], row_start=start)
+        writer.write("b", state["b"][:2], row_start=0)
+        writer.write("b", state["b"][2:], row_start=2)
+        writer.commit()
+    whole = (tmp_path / "whole" / "model.safetensors").read_bytes()
+    assert (tmp_path / "blocks" / "model.safetensors").read_bytes() == whole
+
+
+def test_row_block_errors(tmp_path: Path) -> None:
+    plan = [PlannedTensor("a", (6, 2), torch.float32)]
+    with pytest.raises(OutputError) as error:
+        with StreamingWriter(tmp_path / "out", plan) as writer:
+            writer.write("a", torch.zeros(4, 2), row_start=4)
+    assert "rows from 4" in str(error.value)
+    with pytest.raises(OutputError, match="written more than once"):
+        with StreamingWriter(tmp_path / "out", plan) as writer:
+            writer.write("a", torch.zeros(6, 2))
+            writer.write("a", torch.zeros(2, 2), row_start=0)
+    with pytest.raises(OutputError, match="not written"):
+        with StreamingWriter(tmp_path / "out", plan) as writer:
+            writer.write("a", torch.zeros(3, 2), row_start=0)
+            writer.commit()
+    assert not (tmp_path / "out").exists()
+
+
+def recipe(method: str, base: Path, models: list[Path]) -> object:
+    return parse_recipe(
+        {
+            "merge_method": method,
+            "base_model": str(base),
+            "models": [{"model": str(path), "parameters": {"weight": 0.3 + index}} for index, path in enumerate(models)],
+            "parameters": {"lambda": 0.7} if method == "task_arithmetic" else {},
+            "dtype": "bfloat16",
+        }
+    )
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "linear"])
+def test_block_merge_equals_whole_merge(tiny_models: ModelFactory, tmp_path: Path, method: str) -> None:
+    base, *models = tiny_models(3)
+    outputs = {}
+    for label, block in (("whole", 1 << 30), ("blocks", 100)):
+        options = MergeOptions(output=tmp_path / label, block_elements=block, prefetch=3)
+        run_recipe(recipe(method, base, models), options)
+        outputs[label] = load_file(str(tmp_path / label / "model.safetensors"))
+    assert outputs["whole"].keys() == outputs["blocks"].keys()
+    for name, tensor in outputs["whole"].items():
+        assert torch.equal(outputs["blocks"][name], tensor), name
+
+
+def test_non_finite_value_in_a_late_block_is_named(tiny_models: ModelFactory, tmp_path: Path) -> None:
+    base, first, second = tiny_models(3)
+    state = load_file(str(second / "model.safetensors"))
+    name = max(state, key=lambda key: state[key].numel())
+    state[name].view(-1)[-1] = float("nan")
+    save_file(state, str(second / "model.safetensors"))
+    with pytest.raises(InvalidTensorError) as error:
+        run_recipe(recipe("task_arithmetic", base, [first, second]), MergeOptions(output=tmp_path / "out", block_elements=64))
+    assert name in str(error.value) and str(second) in str(error.value)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_finiteness_check_on_a_large_tensor(bad: float) -> None:
+    # Large enough for the vectorized and multi-threaded reduction paths.
+    tensor = torch.zeros(3_000_001)
+    assert _all_finite(tensor)
+    tensor[1_234_567] = bad
+    assert not _all_finite(tensor)
+    assert _all_finite(torch.full((5,), torch.finfo(torch.float32).max))
+    assert _all_finite(torch.zeros(0))
+
+
+def test_hash_is_remembered(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import hashlib
+
+    from mergekit_ext.checkpoint import hashing
+
+    monkeypatch.setenv("MERGEKIT_EXT_CACHE", str(tmp_path / "cache"))
+    file = tmp_path / "weights.bin"
+    file.write_bytes(b"a" * 1000)
+    expected = hashlib.sha256(b"a" * 1000).hexdigest()
+    assert files_sha256([file]) == expected
+    assert (tmp_path / "cache" / "sha256.json").is_file()
+
+    def no_hashing(*args: object) -> object:
+        raise AssertionError("the file was hashed again")
+
+    # A remembered digest comes back without hashing the file.
+    monkeypatch.setattr(hashing.hashlib, "sha256", no_hashing)
+    assert files_sha256([file]) == expected
+
+
+def test_edited_file_is_hashed_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import hashlib
+
+    monkeypatch.setenv("MERGEKIT_EXT_CACHE", str(tmp_path / "cache"))
+    file = tmp_path / "weights.bin"
+    file.write_bytes(b"a" * 1000)
+    stat = os.stat(file)
+    assert files_sha256([file]) == hashlib.sha256(b"a" * 1000).hexdigest()
+    file.write_bytes(b"b" * 1000)  # same size
+    os.utime(file, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # even with the old mtime put back
+    assert files_sha256([file]) == hashlib.sha256(b"b" * 1000).hexdigest()
