@@ -17,6 +17,7 @@ from mergekit_ext.methods.sparsify import apply_mask
 # Without sign consensus, a weight sum this close to zero is replaced by 1 instead
 # of dividing by it (mergekit 0.1.5 uses the same threshold).
 WEIGHT_SUM_EPSILON = 1e-8
+BLOCK_ELEMENTS = 1 << 20  # 4 MiB of float32 per temporary
 
 
 def merge_task_vectors(
@@ -29,16 +30,52 @@ def merge_task_vectors(
     sign_consensus: bool,
     normalize: bool,
     scaling: float,
+    block_elements: int = BLOCK_ELEMENTS,
 ) -> torch.Tensor:
     """Add scaling * (sum of w_i * masked task vector_i) to the base, optionally normalized.
 
     With sign consensus, only entries agreeing with the elected sign count, and the
     normalizing divisor is the sum of w_i over those entries (zeros replaced by 1).
     Without it, the divisor is the plain weight sum.
+
+    Given the masks and scales, every entry depends only on the same entry of the
+    inputs, so the work runs over blocks of `block_elements` entries. Temporaries then
+    stay block-sized, and memory is reused from block to block instead of being
+    allocated afresh for every temporary of a large tensor.
     """
     if not models:
         return base.clone()
+    output = torch.empty(base.shape, dtype=base.dtype, device=base.device)
+    flat_output = output.view(-1)
+    flat_base = base.reshape(-1)
+    flat_models = [model.reshape(-1) for model in models]
+    flat_masks = [None if mask is None else mask.reshape(-1) for mask in masks]
+    for start in range(0, flat_base.numel(), block_elements):
+        block = slice(start, start + block_elements)
+        flat_output[block] = _merge_block(
+            flat_base[block],
+            [model[block] for model in flat_models],
+            weights,
+            [None if mask is None else mask[block] for mask in flat_masks],
+            scales,
+            sign_consensus=sign_consensus,
+            normalize=normalize,
+            scaling=scaling,
+        )
+    return output
 
+
+def _merge_block(
+    base: torch.Tensor,
+    models: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    masks: Sequence[torch.Tensor | None],
+    scales: Sequence[torch.Tensor | None],
+    *,
+    sign_consensus: bool,
+    normalize: bool,
+    scaling: float,
+) -> torch.Tensor:
     def weighted_task_vector(index: int) -> torch.Tensor:
         delta = apply_mask(models[index].float() - base, masks[index], scales[index])
         return delta * weights[index]
@@ -62,8 +99,7 @@ def merge_task_vectors(
             divisor += weights[index] * agrees
         divisor[divisor == 0] = 1.0
     else:
-        # In place into two buffers: this path runs on every block of a large merge,
-        # and each allocation of a block-sized temporary costs as much as a pass over it.
+        # In place into two buffers: two passes per model instead of four.
         scratch = torch.empty_like(base)
         for index, model in enumerate(models):
             torch.sub(model.float(), base, out=scratch)

@@ -19,19 +19,25 @@ def magnitude_mask(delta: torch.Tensor, density: float) -> torch.Tensor | None:
     """
     if density >= 1.0:
         return None
-    if density <= 0.0 or delta.numel() == 0:
-        return torch.zeros(delta.shape, dtype=torch.bool, device=delta.device)
+    return top_magnitude_mask(delta.abs(), density)
 
-    keep_count = max(1, int(density * delta.numel()))
-    magnitudes = delta.abs().reshape(-1)
 
+def top_magnitude_mask(magnitudes: torch.Tensor, density: float) -> torch.Tensor | None:
+    """`magnitude_mask` for magnitudes already taken (non-negative, no NaN)."""
+    if density >= 1.0:
+        return None
+    if density <= 0.0 or magnitudes.numel() == 0:
+        return torch.zeros(magnitudes.shape, dtype=torch.bool, device=magnitudes.device)
+
+    keep_count = max(1, int(density * magnitudes.numel()))
+    flat = magnitudes.reshape(-1)
     # The keep_count-th largest magnitude, found without a full sort.
-    threshold = torch.kthvalue(magnitudes, magnitudes.numel() - keep_count + 1).values
-    mask = magnitudes > threshold
+    threshold = torch.kthvalue(flat, flat.numel() - keep_count + 1).values
+    mask = flat > threshold
     missing = keep_count - int(mask.sum())
-    tied = torch.nonzero(magnitudes == threshold).squeeze(1)
+    tied = torch.nonzero(flat == threshold).squeeze(1)
     mask[tied[:missing]] = True
-    return mask.reshape(delta.shape)
+    return mask.reshape(magnitudes.shape)
 
 
 def bernoulli_mask(

@@ -18,7 +18,7 @@ from mergekit_ext.methods.parameters import (
     rescale_spec,
     resolve_parameters,
 )
-from mergekit_ext.methods.sparsify import l1_rescale_factor, magnitude_mask
+from mergekit_ext.methods.sparsify import l1_rescale_factor, top_magnitude_mask
 
 
 @dataclass(frozen=True)
@@ -52,11 +52,12 @@ class TiesMethod:
         masks: list[torch.Tensor | None] = []
         scales: list[torch.Tensor | None] = []
         for model, density in zip(inputs.models, resolved.model_values("density")):
-            delta = model.float() - base
-            mask = magnitude_mask(delta, density)
+            # |x_i - base| in place: the L1 rescale needs only magnitudes too.
+            magnitudes = torch.sub(model.float(), base).abs_()
+            mask = top_magnitude_mask(magnitudes, density)
             masks.append(mask)
-            scales.append(l1_rescale_factor(delta, mask) if rescale and mask is not None else None)
-            del delta
+            scales.append(l1_rescale_factor(magnitudes, mask) if rescale and mask is not None else None)
+            del magnitudes
 
         return merge_task_vectors(
             base,
