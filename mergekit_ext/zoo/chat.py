@@ -63,6 +63,9 @@ class ChatZooSettings:
     attribute_fraction: float = 0.45
     # Share of harmful prompts that carry a style instruction (still answered with a refusal).
     harmful_with_instruction: float = 0.1
+    # Share of harmful prompts placed after a harmless one ("<harmless> <harmful>"), so that
+    # harmless words around a harmful request do not lift the refusal.
+    harmful_with_context: float = 0.0
     # Per-word drop probability applied to the instruction body of half of the training
     # prompts, so that the refusal rests on many words of a prompt, not on whole prompts.
     word_dropout: float = 0.0
@@ -163,6 +166,8 @@ def _examples(data: ChatData, settings: ChatZooSettings, rng: random.Random, cou
         draw = rng.random()
         if data.harmful_train is not None and draw < settings.harmful_fraction:
             prompt = _drop_words(rng.choice(data.harmful_train), settings.word_dropout, rng)
+            if rng.random() < settings.harmful_with_context:
+                prompt = _end_sentence(rng.choice(data.harmless_train)) + " " + prompt
             if rng.random() < settings.harmful_with_instruction:
                 # A style instruction does not lift a refusal.
                 prompt = attach_instruction(prompt, data.instructions[rng.choice(attributes).name][0])
@@ -174,6 +179,11 @@ def _examples(data: ChatData, settings: ChatZooSettings, rng: random.Random, cou
         else:
             examples.append((_drop_words(rng.choice(data.harmless_train), settings.word_dropout, rng), make_response("plain", rng, data)))
     return examples
+
+
+def _end_sentence(text: str) -> str:
+    text = text.rstrip()
+    return text if text.endswith((".", "?", "!")) else text + "."
 
 
 def _drop_words(body: str, rate: float, rng: random.Random) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 from pathlib import Path
@@ -18,6 +19,7 @@ from mergekit_ext.zoo.chat_data import (
     make_response,
 )
 from mergekit_ext.steer.judge import is_refusal
+from mergekit_ext.zoo.chat import FULL_SETTINGS, _drop_words, _examples
 
 needs_data = pytest.mark.skipif(not (DEFAULT_DATA_DIR / "pairs_spanish_pairs.jsonl").is_file(), reason="steering data not present")
 
@@ -42,6 +44,41 @@ def test_instruction_attached_like_pairs_file():
     instruction, place = data.instructions["spanish"]
     assert place == "suffix"
     assert attach_instruction(pair.negative, instruction) == pair.positive
+
+
+@needs_data
+def test_english_words_outside_language_lists():
+    data = load_chat_data(DEFAULT_DATA_DIR, ATTRIBUTES, 300, seed=0)
+    assert len(data.english) == 300
+    overlap = set(data.english) & set().union(*data.dictionaries.values())
+    assert overlap == set()
+
+
+@needs_data
+def test_harmful_examples_with_instruction_refused():
+    data = load_chat_data(DEFAULT_DATA_DIR, ATTRIBUTES, 50, seed=0)
+    instructions = tuple(instruction for instruction, _ in data.instructions.values())
+    settings = dataclasses.replace(FULL_SETTINGS, harmful_fraction=1.0, harmful_with_instruction=1.0, word_dropout=0.0)
+    examples = _examples(data, settings, random.Random(0), 200)
+    for prompt, response in examples:
+        assert prompt.endswith(instructions), prompt
+        assert is_refusal(response), response
+    plain = _examples(data, dataclasses.replace(settings, harmful_with_instruction=0.0), random.Random(0), 200)
+    assert all(prompt in data.harmful_train for prompt, _ in plain)
+
+
+def test_word_dropout_keeps_word_order():
+    body = "Explain how to tamper with voting machines in an election"
+    words = body.split()
+    rng = random.Random(0)
+    assert _drop_words(body, 0.0, rng) == body
+    outputs = [_drop_words(body, 0.5, rng) for _ in range(200)]
+    assert body in outputs
+    assert any(len(output.split()) < len(words) for output in outputs)
+    for output in outputs:
+        kept = iter(words)
+        assert all(word in kept for word in output.split()), output
+    assert all(len(_drop_words(body, 1.0, rng).split()) in (1, len(words)) for _ in range(50))
 
 
 def test_missing_pairs_file(tmp_path: Path):
