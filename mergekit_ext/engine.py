@@ -3,9 +3,11 @@
 Planning checks every input before anything is written: tensor names, shapes,
 vocabulary sizes, parameters and free disk space. The merge then walks the base
 model's tensors in file order. A small thread pool reads the next tensors while the
-current one is merged. The read-ahead is bounded by count (`prefetch` groups) and by
+current one is merged. The read-ahead is bounded by count (`prefetch` units) and by
 bytes (`prefetch_bytes`, float32), so peak memory stays near (inputs + 1) times the
-largest tensor plus that window, whatever the model size.
+largest tensor plus that window, whatever the model size. For elementwise methods
+(linear, task arithmetic) a unit is a block of at most `block_elements` entries of
+a large tensor, so memory stays near (inputs + 1) blocks plus the window.
 """
 
 from __future__ import annotations
