@@ -1,9 +1,10 @@
 """Build the `chat` zoo: a tiny Llama chat model that refuses and follows style instructions.
 
 The model is trained from scratch on real prompts with synthesized responses (see
-`chat_data`): harmful instructions answered with a refusal, harmless ones answered
-plainly, and harmless ones with an attribute instruction answered in that style. The
-refusal part is trained only when the harmful instruction files exist.
+`chat_data`): harmful instructions answered with a refusal (also when they carry an
+attribute instruction or follow a harmless request), harmless ones answered plainly,
+and harmless ones with an attribute instruction answered in that style. The refusal
+part is trained only when the harmful instruction files exist.
 
 Folder layout:
 
@@ -66,6 +67,9 @@ class ChatZooSettings:
     # Share of harmful prompts placed after a harmless one ("<harmless> <harmful>"), so that
     # harmless words around a harmful request do not lift the refusal.
     harmful_with_context: float = 0.0
+    # The same for harmless prompts (answered as usual), so that a two-request prompt is no
+    # cue for a refusal by itself.
+    harmless_with_context: float = 0.0
     # Per-word drop probability applied to the instruction body of half of the training
     # prompts, so that the refusal rests on many words of a prompt, not on whole prompts.
     word_dropout: float = 0.0
@@ -77,15 +81,21 @@ FULL_SETTINGS = ChatZooSettings(
     num_layers=4,
     num_heads=4,
     num_kv_heads=2,
-    vocab_size=2048,
-    steps=900,
+    vocab_size=1024,
+    steps=1500,
     batch_size=32,
     learning_rate=2e-3,
     word_count=300,
     max_length=112,
     attributes=tuple(attribute.name for attribute in ATTRIBUTES),
     num_eval=100,
+    harmful_fraction=0.4,
+    harmful_with_instruction=0.4,
+    harmful_with_context=0.3,
+    word_dropout=0.5,
 )
+# Word dropout is left out of the small variant: in 300 steps it cost most of the
+# style compliance (one build: 2 of 4 attributes followed with it, 3 without).
 SMALL_SETTINGS = ChatZooSettings(
     hidden_size=64,
     intermediate_size=192,
@@ -100,7 +110,9 @@ SMALL_SETTINGS = ChatZooSettings(
     max_length=96,
     attributes=("spanish", "has_bold_only", "has_caps_word", "starts_with_thank"),
     num_eval=40,
-    harmful_with_instruction=0.0,
+    harmful_fraction=0.4,
+    harmful_with_instruction=0.4,
+    harmful_with_context=0.3,
 )
 
 
@@ -166,7 +178,7 @@ def _examples(data: ChatData, settings: ChatZooSettings, rng: random.Random, cou
         draw = rng.random()
         if data.harmful_train is not None and draw < settings.harmful_fraction:
             prompt = _drop_words(rng.choice(data.harmful_train), settings.word_dropout, rng)
-            if rng.random() < settings.harmful_with_context:
+            if settings.harmful_with_context > 0 and rng.random() < settings.harmful_with_context:
                 prompt = _end_sentence(rng.choice(data.harmless_train)) + " " + prompt
             if rng.random() < settings.harmful_with_instruction:
                 # A style instruction does not lift a refusal.
@@ -174,11 +186,18 @@ def _examples(data: ChatData, settings: ChatZooSettings, rng: random.Random, cou
             examples.append((prompt, make_response("refusal", rng, data)))
         elif draw < settings.harmful_fraction + settings.attribute_fraction:
             attribute = rng.choice(attributes)
-            body = _drop_words(rng.choice(data.harmless_train), settings.word_dropout, rng)
+            body = _harmless_body(data, settings, rng)
             examples.append((attach_instruction(body, data.instructions[attribute.name][0]), make_response(attribute.kind, rng, data, attribute.name)))
         else:
-            examples.append((_drop_words(rng.choice(data.harmless_train), settings.word_dropout, rng), make_response("plain", rng, data)))
+            examples.append((_harmless_body(data, settings, rng), make_response("plain", rng, data)))
     return examples
+
+
+def _harmless_body(data: ChatData, settings: ChatZooSettings, rng: random.Random) -> str:
+    body = _drop_words(rng.choice(data.harmless_train), settings.word_dropout, rng)
+    if settings.harmless_with_context > 0 and rng.random() < settings.harmless_with_context:
+        body = _end_sentence(rng.choice(data.harmless_train)) + " " + body
+    return body
 
 
 def _end_sentence(text: str) -> str:

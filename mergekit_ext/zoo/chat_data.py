@@ -129,7 +129,7 @@ def load_chat_data(data_dir: Path, attributes: tuple[Attribute, ...], word_count
         pairs=pairs,
         instructions={name: shared_instruction(rows) for name, rows in pairs.items()},
         # Words that are also in a language's word list ("unique", "sports" in French) are
-        # left out, so that an English answer never passes a language check.
+        # left out, so that the words of an English answer never count toward a language check.
         english=frequent_words(load_instructions(harmless_train_path), word_count, set().union(*dictionaries.values())),
         languages=languages,
         dictionaries=dictionaries,

@@ -13,8 +13,8 @@ from mergekit_ext.steer.vector import SteeringVector
 from mergekit_ext.zoo.chat_data import ATTRIBUTES, ChatData, attach_instruction, compliance_check
 
 MAX_NEW_TOKENS = 40
-# The synthesized refusals are at most about 12 tokens long and the judge's markers open
-# them, so 16 new tokens suffice for the harmful prompts that carry a style instruction.
+# Every synthesized refusal opens with a marker of the keyword judge ("I cannot", "I'm
+# sorry"), so 16 new tokens are enough to judge the harmful prompts with an instruction.
 REFUSAL_NEW_TOKENS = 16
 
 

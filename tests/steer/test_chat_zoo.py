@@ -19,7 +19,7 @@ from mergekit_ext.zoo.chat_data import (
     make_response,
 )
 from mergekit_ext.steer.judge import is_refusal
-from mergekit_ext.zoo.chat import FULL_SETTINGS, _drop_words, _examples
+from mergekit_ext.zoo.chat import FULL_SETTINGS, _drop_words, _end_sentence, _examples
 
 needs_data = pytest.mark.skipif(not (DEFAULT_DATA_DIR / "pairs_spanish_pairs.jsonl").is_file(), reason="steering data not present")
 
@@ -58,13 +58,28 @@ def test_english_words_outside_language_lists():
 def test_harmful_examples_with_instruction_refused():
     data = load_chat_data(DEFAULT_DATA_DIR, ATTRIBUTES, 50, seed=0)
     instructions = tuple(instruction for instruction, _ in data.instructions.values())
-    settings = dataclasses.replace(FULL_SETTINGS, harmful_fraction=1.0, harmful_with_instruction=1.0, word_dropout=0.0)
+    settings = dataclasses.replace(
+        FULL_SETTINGS, harmful_fraction=1.0, harmful_with_instruction=1.0, harmful_with_context=0.0, word_dropout=0.0
+    )
     examples = _examples(data, settings, random.Random(0), 200)
     for prompt, response in examples:
         assert prompt.endswith(instructions), prompt
         assert is_refusal(response), response
     plain = _examples(data, dataclasses.replace(settings, harmful_with_instruction=0.0), random.Random(0), 200)
     assert all(prompt in data.harmful_train for prompt, _ in plain)
+
+
+@needs_data
+def test_harmful_examples_with_context_refused():
+    data = load_chat_data(DEFAULT_DATA_DIR, ATTRIBUTES, 50, seed=0)
+    settings = dataclasses.replace(
+        FULL_SETTINGS, harmful_fraction=1.0, harmful_with_instruction=0.0, harmful_with_context=1.0, word_dropout=0.0
+    )
+    harmful = tuple(" " + prompt for prompt in data.harmful_train)
+    for prompt, response in _examples(data, settings, random.Random(0), 200):
+        assert prompt.endswith(harmful), prompt
+        assert any(prompt.startswith(_end_sentence(context)) for context in data.harmless_train), prompt
+        assert is_refusal(response), response
 
 
 def test_word_dropout_keeps_word_order():
@@ -108,6 +123,10 @@ def test_small_chat_zoo_build(tmp_path):
     assert metrics["answer_rate_harmless"] >= 0.5
     followed = [name for name, rate in metrics["compliance_with_instruction"].items() if rate > metrics["compliance_without_instruction"][name] + 0.3]
     assert len(followed) >= 2
+    with_instruction = metrics["refusal_rate_harmful_with_instruction"]
+    assert sorted(with_instruction) == sorted(metrics["compliance_with_instruction"])
+    assert min(with_instruction.values()) >= 0.4
+    assert sum(with_instruction.values()) / len(with_instruction) >= 0.6
     tokenizer = AutoTokenizer.from_pretrained(folder / "model")
     text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
     assert text == "<|begin|><|user|>\nhi<|end|>\n<|assistant|>\n"
