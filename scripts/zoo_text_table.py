@@ -1,10 +1,10 @@
 """Accuracy table of the text zoo: every fine-tuned model on every task, the base, and merges.
 
-Evaluates with the task known (each text goes to its own task's head) on the test
-splits of a built text zoo: the base encoder, each task's fine-tuned encoder, and the
-task arithmetic, TIES and TSV-M merges of all tasks with the settings `merge demo`
-uses. Prints a Markdown table of accuracies and the normalized average, and writes
-the numbers as JSON.
+Each text goes to its own task's head (the task is known), on the test splits of a
+built text zoo. The rows are the base encoder, each task's fine-tuned encoder, and
+the task arithmetic, TIES and TSV-M merges of all tasks with the settings of
+`merge demo`. The script prints a Markdown table of accuracies and the normalized
+average, and writes the numbers as JSON.
 
 Run: python scripts/zoo_text_table.py [--zoo DIR] [--work DIR] [--json table.json]
 """
@@ -27,7 +27,7 @@ from mergekit_ext.zoo.text import default_zoo_dir
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--zoo", type=Path, default=default_zoo_dir())
-    parser.add_argument("--work", type=Path, default=None, help="Folder for the merged models (default: a temporary one).")
+    parser.add_argument("--work", type=Path, default=None, help="Folder for the merged models (default: a new temporary folder).")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
 

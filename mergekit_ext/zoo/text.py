@@ -74,7 +74,7 @@ class TextZooSettings:
     test_size: int = 400
     steps: int = 200  # fine-tuning steps per task
     batch_size: int = 32
-    learning_rate: float = 5e-5  # encoder, AdamW, linear warm-up then linear decay
+    learning_rate: float = 2e-4  # encoder, AdamW, linear warm-up then linear decay
     head_learning_rate: float = 1e-3  # prototypes during fine-tuning
     warmup_fraction: float = 0.1
     probe_steps: int = 300  # full-batch Adam steps of the frozen-base head
