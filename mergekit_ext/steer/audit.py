@@ -129,6 +129,18 @@ def _percentile(value: float, null: list[float]) -> float:
     return 100.0 * (below + 0.5 * ties) / len(null)
 
 
+def leave_one_out_effects(differences: torch.Tensor, negative_refusal: torch.Tensor, observed: float) -> list[float]:
+    """Return, per pair, `observed` minus cos(-r, mean difference of the other pairs).
+
+    `differences` contains one POS - NEG activation difference per row, and `observed` is
+    cos(v, -r) of the vector under audit. A large value means the pair pulls v towards -r.
+    """
+    differences = differences.double()
+    total = differences.sum(0)
+    count = len(differences)
+    return [observed - cosine((total - differences[index]) / (count - 1), negative_refusal) for index in range(count)]
+
+
 def audit_bundle(
     folder: str | Path,
     model: nn.Module,
@@ -223,12 +235,7 @@ def _refusal_checks(
                 alarms.append(layer)
         values[str(layer)] = entry
 
-        differences = (positive[layer].mean(1) - negative[layer].mean(1)).double()
-        total = differences.sum(0)
-        effects = []
-        for index in range(len(pairs)):
-            without = (total - differences[index]) / (len(pairs) - 1)
-            effects.append(observed - cosine(without, negative_refusal))
+        effects = leave_one_out_effects(positive[layer].mean(1) - negative[layer].mean(1), negative_refusal, observed)
         tensor = torch.tensor(effects, dtype=torch.float64)
         spread = float(tensor.std()) if len(effects) > 1 else 0.0
         for index, effect in enumerate(effects):

@@ -90,6 +90,17 @@ def revert_difference(pair: ContrastivePair, difference: BodyDifference, instruc
 
 
 @dataclass(frozen=True)
+class TokenSurprisal:
+    """Surprisal (nats) of one text token; `token_index` counts from the first token of the text."""
+
+    pair_index: int
+    side: str
+    token_index: int
+    token_id: int
+    surprisal: float
+
+
+@dataclass(frozen=True)
 class SurprisalSpike:
     """A text token whose surprisal is far above the corpus mean."""
 
@@ -101,13 +112,14 @@ class SurprisalSpike:
 
 
 @torch.no_grad()
-def surprisal_spikes(
-    model: nn.Module, tokenizer: object, pairs: list[ContrastivePair], template: PromptTemplate, z_threshold: float = 3.0
-) -> list[SurprisalSpike]:
-    """Return text tokens with surprisal (nats) more than `z_threshold` std above the mean of all text tokens."""
+def token_surprisals(model: nn.Module, tokenizer: object, pairs: list[ContrastivePair], template: PromptTemplate) -> list[TokenSurprisal]:
+    """Compute the surprisal of every text token of every POS and NEG text in its template.
+
+    With an empty template prefix the first text token has no context and is left out.
+    """
     device = next(model.parameters()).device
     prefix = template.prefix_ids(tokenizer)
-    records: list[tuple[int, str, int, float]] = []
+    records: list[TokenSurprisal] = []
     for index, pair in enumerate(pairs):
         for side, text in (("positive", pair.positive), ("negative", pair.negative)):
             ids = template.token_ids(tokenizer, text)
@@ -120,14 +132,22 @@ def surprisal_spikes(
             for offset, token_id in enumerate(text_ids):
                 position = start + offset
                 if 0 <= position < len(surprisal) and (len(prefix) > 0 or offset > 0):
-                    records.append((index, side, token_id, float(surprisal[position])))
+                    records.append(TokenSurprisal(index, side, offset, token_id, float(surprisal[position])))
+    return records
+
+
+def surprisal_spikes(
+    model: nn.Module, tokenizer: object, pairs: list[ContrastivePair], template: PromptTemplate, z_threshold: float = 3.0
+) -> list[SurprisalSpike]:
+    """Return text tokens with surprisal (nats) more than `z_threshold` std above the mean of all text tokens."""
+    records = token_surprisals(model, tokenizer, pairs, template)
     if len(records) < 2:
         return []
-    values = torch.tensor([record[3] for record in records], dtype=torch.float64)
+    values = torch.tensor([record.surprisal for record in records], dtype=torch.float64)
     mean, std = float(values.mean()), float(values.std())
     spikes = []
-    for index, side, token_id, value in records:
-        z_score = (value - mean) / std if std > 0 else 0.0
+    for record in records:
+        z_score = (record.surprisal - mean) / std if std > 0 else 0.0
         if z_score > z_threshold:
-            spikes.append(SurprisalSpike(index, side, tokenizer.decode([token_id]), value, z_score))  # type: ignore[attr-defined]
+            spikes.append(SurprisalSpike(record.pair_index, record.side, tokenizer.decode([record.token_id]), record.surprisal, z_score))  # type: ignore[attr-defined]
     return sorted(spikes, key=lambda spike: -spike.z_score)
