@@ -186,7 +186,11 @@ class Checkpoint:
                 if self._pickled:
                     self._handles[file] = _load_pickle(file)
                 else:
-                    self._handles[file] = os.open(file, os.O_RDONLY)
+                    descriptor = os.open(file, os.O_RDONLY)
+                    if hasattr(os, "posix_fadvise"):
+                        # Merges read each file front to back: ask for a larger read-ahead.
+                        os.posix_fadvise(descriptor, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+                    self._handles[file] = descriptor
             return self._handles[file]
 
     def sha256(self) -> str:
