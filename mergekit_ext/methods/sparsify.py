@@ -23,7 +23,7 @@ def magnitude_mask(delta: torch.Tensor, density: float) -> torch.Tensor | None:
 
 
 def top_magnitude_mask(magnitudes: torch.Tensor, density: float) -> torch.Tensor | None:
-    """`magnitude_mask` for magnitudes already taken (non-negative, no NaN)."""
+    """Mask all but the largest entries, as `magnitude_mask` does, given |delta| (no NaN)."""
     if density >= 1.0:
         return None
     if density <= 0.0 or magnitudes.numel() == 0:
