@@ -3,10 +3,9 @@
 Hashing costs a full read of every input and about 0.55 s of CPU time per GB (hashlib
 ran at 1.8 GB/s on the 2-core development machine), a large share of a merge there.
 The digest of a set of files is therefore stored in `<cache root>/sha256.json` under
-the files' identity: path,
-device, inode, size, modification time and change time, in nanoseconds. Writing to a
-file changes its modification and change times, and the change time cannot be set
-back from user space, so an edited file is hashed again.
+the files' identity: path, device, inode, size, modification time and change time, in
+nanoseconds. Writing to a file changes its modification and change times, and the
+change time cannot be set back from user space, so an edited file is hashed again.
 """
 
 from __future__ import annotations
