@@ -111,10 +111,7 @@ def genome_recipe(genome: Genome, num_layers: int, dtype: str | None = None) -> 
     densities = genome.densities()
     entries: list[ModelEntry] = []
     if space.method == "linear":
-        if space.weights != "global":
-            raise NotImplementedError("Export of linear layer-group genomes is not supported; use task_arithmetic.")
-        base_weight = max(0.0, 1.0 - sum(weight_values))  # type: ignore[arg-type]
-        entries.append(ModelEntry(model=str(space.base_model), parameters={"weight": base_weight}))
+        entries.append(ModelEntry(model=str(space.base_model), parameters={"weight": _linear_base_weight(genome, num_layers)}))
     for index, path in enumerate(space.models):
         parameters: dict = {"weight": weight_values[index]}
         if space.method in ("ties", "dare_ties"):
@@ -127,6 +124,27 @@ def genome_recipe(genome: Genome, num_layers: int, dtype: str | None = None) -> 
         parameters={"normalize": True} if space.method == "linear" else {},
         dtype=dtype,
     )
+
+
+def _linear_base_weight(genome: Genome, num_layers: int) -> float | list[Condition]:
+    """Return the base's weight in a linear genome: 1 minus the sources' weights, at least 0.
+
+    It is computed per layer group as `merge_tensor` computes it per tensor, summing
+    in the same order, so the exported checkpoint equals the in-memory merge exactly.
+    """
+    table = genome.weight_table()
+
+    def remainder(column: int) -> float:
+        return max(0.0, 1.0 - sum(float(table[index, column]) for index in range(len(genome.space.models))))
+
+    if genome.space.weights == "global":
+        return remainder(0)
+    conditions = [
+        Condition(filter=f"layers.{layer}.", value=remainder(genome.group_of(f"layers.{layer}.x", num_layers)))
+        for layer in range(num_layers)
+    ]
+    conditions.append(Condition(filter=None, value=remainder(table.shape[1] - 1)))
+    return conditions
 
 
 def _weight_parameter(genome: Genome, index: int, num_layers: int) -> float | list[Condition]:

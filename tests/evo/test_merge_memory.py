@@ -20,6 +20,7 @@ from mergekit_ext.evo.merge_memory import ResidentSources, checkpoint_layers, ge
         ("ties", "global", [0.6]),
         ("dare_ties", "global", [0.8]),
         ("task_arithmetic", "layer_groups", [0.1, 0.9, 0.4]),
+        ("linear", "layer_groups", [0.1, 0.9, 0.4]),
     ],
 )
 def test_memory_merge_equals_streaming_merge(tiny_models, tmp_path, method, weights, genes):
