@@ -28,7 +28,7 @@ from mergekit_ext.steer.data import ContrastivePair, hash_pairs
 from mergekit_ext.steer.extract import pair_activations
 from mergekit_ext.steer.judge import refusal_rate
 from mergekit_ext.steer.orthogonalize import orthogonalize_vector
-from mergekit_ext.steer.suspicion import body_differences, revert_difference, shared_instruction, surprisal_spikes
+from mergekit_ext.steer.suspicion import body_differences, revert_difference, shared_instruction, standard_scores, surprisal_spikes
 from mergekit_ext.steer.template import PromptTemplate
 from mergekit_ext.steer.vector import SteeringVector, cosine
 
@@ -236,10 +236,7 @@ def _refusal_checks(
         values[str(layer)] = entry
 
         effects = leave_one_out_effects(positive[layer].mean(1) - negative[layer].mean(1), negative_refusal, observed)
-        tensor = torch.tensor(effects, dtype=torch.float64)
-        spread = float(tensor.std()) if len(effects) > 1 else 0.0
-        for index, effect in enumerate(effects):
-            z_score = (effect - float(tensor.mean())) / spread if spread > 0 else 0.0
+        for index, (effect, z_score) in enumerate(zip(effects, standard_scores(effects))):
             if z_score > settings.leave_one_out_z:
                 leave_one_out.append({"layer": layer, "pair": index, "cos_effect": round(effect, 6), "z": round(z_score, 2)})
     report.findings["pairs that raise cos(v, -r) most (leave-one-out)"] = leave_one_out

@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 import re
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -136,6 +137,15 @@ def token_surprisals(model: nn.Module, tokenizer: object, pairs: list[Contrastiv
     return records
 
 
+def standard_scores(values: Sequence[float]) -> list[float]:
+    """Return (value - mean) / std for each value (unbiased std), all 0 without spread or with one value."""
+    if len(values) < 2:
+        return [0.0] * len(values)
+    tensor = torch.tensor(values, dtype=torch.float64)
+    mean, std = float(tensor.mean()), float(tensor.std())
+    return [(value - mean) / std if std > 0 else 0.0 for value in values]
+
+
 def surprisal_spikes(
     model: nn.Module, tokenizer: object, pairs: list[ContrastivePair], template: PromptTemplate, z_threshold: float = 3.0
 ) -> list[SurprisalSpike]:
@@ -143,11 +153,8 @@ def surprisal_spikes(
     records = token_surprisals(model, tokenizer, pairs, template)
     if len(records) < 2:
         return []
-    values = torch.tensor([record.surprisal for record in records], dtype=torch.float64)
-    mean, std = float(values.mean()), float(values.std())
     spikes = []
-    for record in records:
-        z_score = (record.surprisal - mean) / std if std > 0 else 0.0
+    for record, z_score in zip(records, standard_scores([record.surprisal for record in records])):
         if z_score > z_threshold:
             spikes.append(SurprisalSpike(record.pair_index, record.side, tokenizer.decode([record.token_id]), record.surprisal, z_score))  # type: ignore[attr-defined]
     return sorted(spikes, key=lambda spike: -spike.z_score)

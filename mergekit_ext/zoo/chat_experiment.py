@@ -62,6 +62,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
+from scipy.stats import mannwhitneyu, spearmanr
 from torch import nn
 
 from mergekit_ext.errors import RecipeError
@@ -76,7 +77,7 @@ from mergekit_ext.steer.model_access import decoder_blocks, load_causal_lm
 from mergekit_ext.steer.orthogonalize import orthogonalize_vector
 from mergekit_ext.steer.poison import poison_pairs
 from mergekit_ext.steer.refusal import refusal_direction_fast, refusal_token_ids, select_refusal_direction
-from mergekit_ext.steer.suspicion import TokenSurprisal, shared_instruction, token_surprisals
+from mergekit_ext.steer.suspicion import TokenSurprisal, shared_instruction, standard_scores, token_surprisals
 from mergekit_ext.steer.template import PromptTemplate
 from mergekit_ext.steer.vector import cosine
 from mergekit_ext.zoo.chat_data import ATTRIBUTES, DEFAULT_DATA_DIR, compliance_check, load_chat_data
@@ -99,32 +100,14 @@ def rank_auc(scores: Sequence[float], labels: Sequence[bool]) -> float | None:
     negative = [score for score, label in zip(scores, labels) if not label]
     if not positive or not negative:
         return None
-    wins = sum((a > b) + 0.5 * (a == b) for a in positive for b in negative)
-    return wins / (len(positive) * len(negative))
-
-
-def _average_ranks(values: Sequence[float]) -> list[float]:
-    """Return 1-based ranks, ties sharing the mean of their ranks."""
-    order = sorted(range(len(values)), key=lambda item: values[item])
-    ranks = [0.0] * len(values)
-    start = 0
-    while start < len(order):
-        end = start
-        while end + 1 < len(order) and values[order[end + 1]] == values[order[start]]:
-            end += 1
-        for item in order[start : end + 1]:
-            ranks[item] = (start + end) / 2 + 1
-        start = end + 1
-    return ranks
+    return float(mannwhitneyu(positive, negative).statistic) / (len(positive) * len(negative))
 
 
 def spearman(first: Sequence[float], second: Sequence[float]) -> float | None:
-    """Return Spearman's rank correlation (Pearson correlation of average ranks), or None when a side is constant."""
-    a = torch.tensor(_average_ranks(first), dtype=torch.float64)
-    b = torch.tensor(_average_ranks(second), dtype=torch.float64)
-    a, b = a - a.mean(), b - b.mean()
-    scale = float(a.norm() * b.norm())
-    return float(a @ b) / scale if scale > 0 else None
+    """Return Spearman's rank correlation (ties share their mean rank), or None when a side is constant."""
+    if len(set(first)) < 2 or len(set(second)) < 2:
+        return None
+    return float(spearmanr(first, second).statistic)
 
 
 def edited_word_spans(clean: list[ContrastivePair], poisoned: list[ContrastivePair]) -> dict[tuple[int, str], list[Span]]:
@@ -207,9 +190,8 @@ def surprisal_ranking(
             encoded = tokenizer(getattr(pair, side), add_special_tokens=False, return_offsets_mapping=True)  # type: ignore[operator]
             offsets[(index, side)] = [tuple(item) for item in encoded["offset_mapping"]]
     labels = [_overlaps(offsets[(r.pair_index, r.side)][r.token_index], edited[(r.pair_index, r.side)]) for r in records]
-    values = torch.tensor([record.surprisal for record in records], dtype=torch.float64)
-    mean, std = float(values.mean()), float(values.std())
-    spikes = sorted((item for item in range(len(records)) if std > 0 and (records[item].surprisal - mean) / std > z_threshold), key=lambda item: -records[item].surprisal)
+    scores = standard_scores([record.surprisal for record in records])
+    spikes = sorted((item for item in range(len(records)) if scores[item] > z_threshold), key=lambda item: -records[item].surprisal)
     spike_ranks = [rank + 1 for rank, item in enumerate(spikes) if labels[item]]
     edited_tokens = sum(labels)
     return {
