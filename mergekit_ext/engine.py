@@ -13,6 +13,7 @@ a large tensor, so memory stays near (inputs + 1) blocks plus the window.
 from __future__ import annotations
 
 import logging
+import math
 import resource
 import sys
 import time
@@ -369,10 +370,7 @@ class _Unit:
         shape = self.item.shape
         if self.rows is not None:
             shape = (self.rows[1] - self.rows[0], *shape[1:])
-        count = 1
-        for size in shape:
-            count *= size
-        return count
+        return math.prod(shape)
 
     @property
     def completes_tensor(self) -> bool:
