@@ -414,8 +414,8 @@ def _load_one(unit: _Unit, checkpoint: Checkpoint, device: torch.device) -> torc
 
 def _all_finite(tensor: torch.Tensor) -> bool:
     # NaN propagates through min and max, and an Inf is the min or the max, so two
-    # reductions decide it. This is one fast pass; torch.isfinite would also write a
-    # boolean tensor as large as the input.
+    # reductions decide it. This is one fast pass, while torch.isfinite would also write
+    # a boolean tensor as large as the input.
     if tensor.numel() == 0:
         return True
     low, high = torch.aminmax(tensor)
@@ -446,7 +446,7 @@ def _stream(
         position = 0
         tensors_done = 0
         for _ in range(len(units)):
-            # Read ahead while the window has room, by count and by bytes; the unit
+            # Read ahead while the window has room, by count and by bytes. The unit
             # about to be merged is always read, however large it is.
             while position < len(units) and len(pending) < 1 + options.prefetch:
                 size = unit_bytes(units[position])

@@ -167,7 +167,7 @@ def main() -> None:
                 for tool, command, env in tools:
                     shutil.rmtree(root / "theirs", ignore_errors=True)
                     if tool == "mergekit-ext repeat" and not known_hashes.exists():
-                        timed(command, False, env)  # fills the digest cache; not measured
+                        timed(command, False, env)  # fills the digest cache and is not measured
                     results.setdefault((method, tool), []).append(timed(command, args.drop_caches, env))
 
         plain_read = statistics.median(read_times)

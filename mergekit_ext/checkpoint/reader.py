@@ -221,7 +221,8 @@ def _check_rows(info: TensorInfo, rows: tuple[int, int]) -> None:
     start, stop = rows
     if not info.shape or not 0 <= start <= stop <= info.shape[0]:
         raise CheckpointError(
-            f"{info.file}: rows {start}:{stop} are outside tensor {info.name!r} of shape {info.shape}"
+            f"{info.file}: rows {start}:{stop} are outside tensor {info.name!r} of shape {info.shape}; "
+            "request rows from 0 to the first dimension of a tensor with at least one dimension"
         )
 
 

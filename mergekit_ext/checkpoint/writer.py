@@ -70,7 +70,7 @@ class _Slot:
     shard: int
     offset: int  # absolute byte offset of the tensor data in its shard file
     planned: PlannedTensor
-    written: int = 0  # bytes written so far; a tensor may arrive in row blocks
+    written: int = 0  # bytes written so far, because a tensor may arrive in row blocks
 
 
 class _Shard:
@@ -217,7 +217,7 @@ class StreamingWriter:
     def write(self, name: str, tensor: torch.Tensor, row_start: int | None = None) -> None:
         """Write one planned tensor; its shape and dtype must match the plan.
 
-        With `row_start`, `tensor` holds only the rows from `row_start` on (all other
+        With `row_start`, `tensor` contains only the rows from `row_start` on (all other
         dimensions as planned), and the tensor counts as written once all its rows are.
         """
         slot = self._slots.get(name)
@@ -244,7 +244,7 @@ class StreamingWriter:
                 f"but {planned.shape} and {planned.dtype} were planned"
             )
         if slot.written + nbytes > planned.nbytes:
-            raise OutputError(f"tensor {name!r} was written more than once")
+            raise OutputError(f"tensor {name!r} was written more than once; write each row block once")
         shard = self._shards[slot.shard]
         handle = self._open_shard(shard)
         data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
