@@ -85,6 +85,9 @@ def tsv_merge(factors: Sequence[LowRankFactors]) -> torch.Tensor:
     if not kept:
         first = factors[0]
         return torch.zeros(first.u.shape[0], first.vh.shape[1], dtype=torch.float32, device=first.u.device)
+    if len(kept) == 1:
+        # The polar factor of an orthonormal basis is the basis itself.
+        return kept[0].dense()
     return tsv_merge_factors([f.u for f in kept], [f.s for f in kept], [f.vh for f in kept])
 
 

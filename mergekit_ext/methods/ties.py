@@ -54,6 +54,12 @@ class TiesMethod:
         for model, density in zip(inputs.models, resolved.model_values("density")):
             # |x_i - base| in place: the L1 rescale needs only magnitudes too.
             magnitudes = torch.sub(model.float(), base).abs_()
+            if not bool(magnitudes.any()):
+                # The model leaves this tensor unchanged (a frozen embedding, say): its
+                # zero task vector adds nothing whatever the mask, so skip the selection.
+                masks.append(None)
+                scales.append(None)
+                continue
             mask = top_magnitude_mask(magnitudes, density)
             masks.append(mask)
             scales.append(l1_rescale_factor(magnitudes, mask) if rescale and mask is not None else None)

@@ -48,11 +48,16 @@ def tsv_merge_factors(
 def tsv_merge_deltas(deltas: Sequence[torch.Tensor], rank: int | None = None) -> torch.Tensor:
     """Return the TSV-M merged task vector of 2-D task vectors, each truncated to rank.
 
-    rank defaults to floor(min(m, n) / T).
+    rank defaults to floor(min(m, n) / T). Task vectors that are all zero (a tensor the
+    task left unchanged) are left out of the concatenation: their arbitrary singular
+    bases would rotate the other tasks' bases. The rank still counts every task.
     """
     if rank is None:
         rank = tsv_rank(deltas[0].shape, len(deltas))
-    factors = [truncated_svd(delta, rank) for delta in deltas]
+    changed = [delta for delta in deltas if bool(torch.any(delta != 0))]
+    if not changed:
+        return torch.zeros_like(deltas[0], dtype=torch.float32)
+    factors = [truncated_svd(delta, rank) for delta in changed]
     return tsv_merge_factors(
         [u for u, _, _ in factors], [s for _, s, _ in factors], [vh for _, _, vh in factors]
     )

@@ -348,6 +348,15 @@ def test_ties_formula() -> None:
     torch.testing.assert_close(result, TIES_BASE + tensor(-2.0, 1.5, 3.0, 0.0))
 
 
+def test_ties_unchanged_model_adds_nothing() -> None:
+    # A third model equal to the base has a zero task vector: zero entries never agree
+    # with the elected sign, so neither the sum nor the divisor changes.
+    models = [*TIES_MODELS, TIES_BASE.clone()]
+    parameters = [*TIES_PARAMETERS, {"weight": 5.0, "density": 0.5}]
+    result = merge("ties", TIES_BASE, models, parameters)
+    torch.testing.assert_close(result, TIES_BASE + tensor(-2.0, 1.5, 3.0, 0.0))
+
+
 def test_ties_without_normalize() -> None:
     result = merge("ties", TIES_BASE, TIES_MODELS, TIES_PARAMETERS, normalize=0.0)
     torch.testing.assert_close(result, TIES_BASE + tensor(-4.0, 3.0, 3.0, 0.0))
@@ -554,6 +563,35 @@ def test_polar_factor_recovers_orthogonal_part() -> None:
     torch.testing.assert_close(polar_factor(q @ h), q, atol=1e-5, rtol=0)
 
 
+def svd_polar(matrix: torch.Tensor) -> torch.Tensor:
+    p, _, qh = torch.linalg.svd(matrix.double(), full_matrices=False)
+    return (p @ qh).float()
+
+
+@pytest.mark.parametrize("condition", [1.0, 30.0, 1e3])
+def test_polar_factor_equals_svd_route(condition: float) -> None:
+    # Singular values from 1 down to 1/condition; every case takes the Gram route.
+    left = orthonormal_columns(40, 12, seed=11)
+    right = orthonormal_columns(12, 12, seed=12)
+    sigma = torch.logspace(0, -math.log10(condition), 12)
+    matrix = (left * sigma) @ right.T
+    torch.testing.assert_close(polar_factor(matrix), svd_polar(matrix), atol=2e-5, rtol=0)
+
+
+def test_polar_factor_of_rank_deficient_matrix_uses_svd() -> None:
+    # A repeated column makes AᵀA singular: no inverse square root exists, and the
+    # result must still be finite with orthonormal columns (the SVD route).
+    base = torch.randn(9, 3, generator=torch.Generator().manual_seed(13))
+    matrix = torch.cat([base, base[:, :1]], dim=1)
+    factor = polar_factor(matrix)
+    assert torch.isfinite(factor).all()
+    torch.testing.assert_close(factor.T @ factor, torch.eye(4), atol=1e-5, rtol=0)
+    # A = U H with H = UᵀA symmetric positive semidefinite.
+    h = factor.T @ matrix
+    torch.testing.assert_close(h, h.T, atol=1e-5, rtol=0)
+    assert float(torch.linalg.eigvalsh(h).min()) > -1e-5
+
+
 def test_tsv_rank_formula() -> None:
     assert tsv_rank(torch.Size([768, 3072]), 8) == 96
     assert tsv_rank(torch.Size([10, 7]), 3) == 2
@@ -572,6 +610,20 @@ def test_tsv_one_task_returns_model() -> None:
     model = base + torch.randn(5, 7, generator=generator)
     # T = 1 keeps k = min(m, n) components, the whole task vector.
     torch.testing.assert_close(merge("tsv", base, [model]), model, atol=1e-5, rtol=1e-5)
+
+
+def test_tsv_leaves_out_unchanged_task() -> None:
+    # Task 2 leaves the tensor unchanged. Its zero task vector has arbitrary singular
+    # bases, which must not rotate task 1's: the merge is task 1's rank-k truncation
+    # with k = floor(min(m, n) / 2) (the rank counts both tasks).
+    generator = torch.Generator().manual_seed(8)
+    base = torch.randn(12, 10, generator=generator)
+    delta = torch.randn(12, 10, generator=generator)
+    u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+    result = merge("tsv", base, [base + delta, base.clone()])
+    torch.testing.assert_close(result, base + u[:, :5] @ torch.diag(s[:5]) @ vh[:5], atol=1e-5, rtol=1e-5)
+    # Both unchanged: the base comes back.
+    torch.testing.assert_close(merge("tsv", base, [base.clone(), base.clone()]), base)
 
 
 def test_tsv_orthogonal_tasks_add_truncations() -> None:
