@@ -11,6 +11,7 @@ from rich.table import Table
 
 from mergekit_ext.cli.main import GlobalOptions
 from mergekit_ext.cli.zoo_commands import RichStageProgress, stage_progress
+from mergekit_ext.zoo.evaluate import EVAL_BATCH_SIZE
 
 console = Console()
 
@@ -42,7 +43,7 @@ console = Console()
     is_flag=True,
     help="MASS artifacts: pick one task set per batch from the mean routing weights, not one per text.",
 )
-@click.option("--batch-size", default=128, show_default=True, type=int, help="Texts per forward pass.")
+@click.option("--batch-size", default=EVAL_BATCH_SIZE, show_default=True, type=int, help="Texts per forward pass.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Also write the result as JSON.")
 @click.pass_obj
 def eval_command(

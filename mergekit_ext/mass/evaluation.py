@@ -1,13 +1,15 @@
 """Evaluation of a MASS artifact on the text zoo: accuracy, routing accuracy, latency.
 
-Accuracy runs through the zoo's `evaluate_model` with the artifact as a
-`TaskLogitsModel`. Routing accuracy runs pass 1 alone on every text of a split:
-top-1 is the share of texts whose largest routing weight is their own task, and
-coverage the share whose task set Ω contains their task.
+Accuracy follows the zoo's protocol (`mergekit_ext.zoo.evaluate`): with the task
+unknown, the head with the largest max logit among Ω wins, and a text counts as
+correct only if both its task and its class are right. Routing top-1 accuracy is the
+share of texts whose largest routing weight is their own task, and coverage the share
+whose task set Ω contains their task.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -18,9 +20,10 @@ from typing import Any
 import torch
 
 from mergekit_ext.errors import RecipeError
-from mergekit_ext.mass.router import select_tasks
+from mergekit_ext.mass.router import RoutingDecision, RoutingMode, residual_norms, routing_weights, select_tasks
 from mergekit_ext.mass.runtime import MassModel
-from mergekit_ext.zoo.evaluate import EvalResult, evaluate_model, read_manifest, read_split
+from mergekit_ext.mass.task_store import TaskSet
+from mergekit_ext.zoo.evaluate import EVAL_BATCH_SIZE, EvalResult, TaskAccuracy, read_manifest, read_split, score_batch, sorted_test_split
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +70,7 @@ def zoo_texts(zoo_dir: Path, tasks: Sequence[str], split: str) -> dict[str, list
 
 
 def routing_accuracy(
-    model: MassModel, texts_by_task: dict[str, list[str]], *, split: str = "test", batch_size: int = 128
+    model: MassModel, texts_by_task: dict[str, list[str]], *, split: str = "test", batch_size: int = EVAL_BATCH_SIZE
 ) -> RoutingReport:
     """Route every text (pass 1 only) and compare with the task it comes from."""
     top1_hits = 0
@@ -81,9 +84,7 @@ def routing_accuracy(
         for start in range(0, len(texts), batch_size):
             batch = model.adapter.prepare(texts[start : start + batch_size])
             decision, _ = model.route(batch)
-            task_sets = decision.task_sets
-            if model.routing == "batch":
-                task_sets = select_tasks(decision.weights.mean(dim=0, keepdim=True), model.settings) * batch.size
+            task_sets = model.task_sets_for(decision)
             task_hits += int((decision.weights.argmax(dim=1) == task_index).sum())
             covered += sum(task_index in task_set for task_set in task_sets)
             set_sizes += sum(len(task_set) for task_set in task_sets)
@@ -99,6 +100,16 @@ def routing_accuracy(
     )
 
 
+@dataclass(frozen=True)
+class MassVariant:
+    """One way to run an artifact at evaluation: routing mode, prefix reuse, oracle head."""
+
+    label: str
+    mode: RoutingMode = "topk"
+    reuse_prefix: bool = False
+    oracle_head: bool = False
+
+
 def evaluate_mass_text_zoo(
     artifact: str | Path,
     zoo_dir: str | Path,
@@ -109,45 +120,138 @@ def evaluate_mass_text_zoo(
     reuse_prefix: bool | None = None,
     router_layer: int | None = None,
     device: str = "cpu",
-    batch_size: int = 128,
+    batch_size: int = EVAL_BATCH_SIZE,
     tasks: Sequence[str] | None = None,
     progress: ProgressCallback | None = None,
     model: MassModel | None = None,
     cache_capacity: int = EVAL_CACHE_CAPACITY,
 ) -> MassEvalResult:
     """Evaluate an artifact on the zoo's test splits with the task unknown (or an oracle head)."""
-    zoo_dir = Path(zoo_dir)
     if model is None:
         model = MassModel.from_pretrained(
             artifact, device=device, mode=mode, reuse_prefix=reuse_prefix, router_layer=router_layer,
             routing="batch" if batch_routing else "sample", cache_capacity=cache_capacity,
         )  # fmt: skip
+    variant = MassVariant(label="MASS", mode=model.settings.mode, reuse_prefix=model.reuse_prefix, oracle_head=oracle_head)
+    results = evaluate_mass_variants(model, zoo_dir, [variant], model_name=str(artifact), tasks=tasks, batch_size=batch_size, progress=progress)
+    return results[variant.label]
+
+
+def evaluate_mass_variants(
+    model: MassModel,
+    zoo_dir: str | Path,
+    variants: Sequence[MassVariant],
+    *,
+    model_name: str = "",
+    tasks: Sequence[str] | None = None,
+    batch_size: int = EVAL_BATCH_SIZE,
+    progress: ProgressCallback | None = None,
+) -> dict[str, MassEvalResult]:
+    """Evaluate several variants of one artifact on the test splits, sharing pass 1.
+
+    Pass 1 depends only on the shared model and the router block, so it runs once per
+    batch; each variant then routes with its own mode and runs its own pass 2. Routing
+    accuracy comes from the same pass 1. Returns one result per variant label.
+    """
+    zoo_dir = Path(zoo_dir)
     manifest = read_manifest(zoo_dir)
     selected = list(tasks) if tasks else [t for t in manifest["tasks"] if t in model.task_names]
     missing = [t for t in selected if t not in model.task_names]
     if missing:
-        raise RecipeError(f"the artifact {artifact} has no task {missing[0]!r}; it has {model.task_names}")
+        raise RecipeError(f"the artifact {model_name or 'being evaluated'} has no task {missing[0]!r}; it has {model.task_names}")
+    labels = [variant.label for variant in variants]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"variant labels {labels} repeat; give each variant its own label")
     # The unknown-task evaluation of a plain encoder truncates at the longest of all tasks' lengths.
     if hasattr(model.adapter, "max_length"):
         model.adapter.max_length = max(int(manifest["tasks"][t]["max_length"]) for t in selected)
 
-    model.restrict_to_selected = not oracle_head
-    accuracy = evaluate_model(
-        model, zoo_dir, model_name=str(artifact), tasks=selected, unknown_task=not oracle_head,
-        batch_size=batch_size, progress=progress,
-    )  # fmt: skip
-    routing = routing_accuracy(model, zoo_texts(zoo_dir, selected, "test"), split="test", batch_size=batch_size)
-    settings = {
-        "oracle_head": oracle_head,
-        "batch_routing": batch_routing,
-        "mode": model.settings.mode,
-        "reuse_prefix": model.reuse_prefix,
-        "router_layer": model.router_layer,
-        "threshold": model.settings.threshold,
-        "top_k": model.settings.top_k,
-        "temperature": model.settings.temperature,
-    }
-    return MassEvalResult(accuracy=accuracy, routing=routing, settings=settings)
+    keep_prefix = any(variant.reuse_prefix for variant in variants)
+    settings = {v.label: dataclasses.replace(model.settings, mode=v.mode) for v in variants}
+    tallies = {v.label: _Tally() for v in variants}
+    names = model.task_names
+    for task in selected:
+        entry = manifest["tasks"][task]
+        examples = sorted_test_split(zoo_dir, entry)
+        task_index = names.index(task)
+        for start in range(0, len(examples), batch_size):
+            chunk = examples[start : start + batch_size]
+            targets = torch.tensor([entry["labels"].index(example.label) for example in chunk])
+            batch = model.adapter.prepare([example.text for example in chunk])
+            features, prefix = model.router_features(batch, keep_prefix=keep_prefix)
+            residuals = residual_norms(features, model.bases)
+            weights = routing_weights(residuals, model.settings.temperature)
+            for variant in variants:
+                decision = RoutingDecision(residuals, weights, select_tasks(weights, settings[variant.label]))
+                task_sets = model.task_sets_for(decision, settings[variant.label])
+                outputs = model.second_pass(batch, task_sets, prefix if variant.reuse_prefix else None)
+                head_logits = model.selected_head_logits(outputs, task_sets, restrict=not variant.oracle_head)
+                candidates = selected if not variant.oracle_head else [task]
+                logits = {name: head_logits[names.index(name)].cpu() for name in candidates}
+                tallies[variant.label].add(task, decision, task_sets, task_index, *score_batch(logits, candidates, task, targets))
+            if progress is not None:
+                progress(f"MASS {task}", min(start + batch_size, len(examples)), len(examples))
+        logger.info("%s: %s", task, ", ".join(f"{label} {tallies[label].accuracy(task):.4f}" for label in labels))
+
+    results = {}
+    for variant in variants:
+        tally = tallies[variant.label]
+        accuracy = EvalResult(model=model_name, zoo=str(zoo_dir), unknown_task=not variant.oracle_head)
+        for task in selected:
+            reference = float(manifest["tasks"][task]["finetuned_accuracy"])
+            value = tally.accuracy(task)
+            accuracy.tasks.append(
+                TaskAccuracy(
+                    task=task, test_size=tally.count[task], accuracy=value, finetuned_accuracy=reference,
+                    normalized_accuracy=value / reference if reference > 0 else 0.0,
+                    task_choice_accuracy=None if variant.oracle_head else tally.right_head[task] / max(tally.count[task], 1),
+                )
+            )  # fmt: skip
+        run_settings = {
+            "oracle_head": variant.oracle_head,
+            "batch_routing": model.routing == "batch",
+            "mode": variant.mode,
+            "reuse_prefix": variant.reuse_prefix,
+            "router_layer": model.router_layer,
+            "threshold": model.settings.threshold,
+            "top_k": model.settings.top_k,
+            "temperature": model.settings.temperature,
+        }
+        results[variant.label] = MassEvalResult(accuracy=accuracy, routing=tally.routing(selected), settings=run_settings)
+    return results
+
+
+@dataclass
+class _Tally:
+    """Counts of one variant: per task, texts, correct predictions, right heads and routing hits."""
+
+    count: dict[str, int] = field(default_factory=dict)
+    correct: dict[str, int] = field(default_factory=dict)
+    right_head: dict[str, int] = field(default_factory=dict)
+    top1_hits: dict[str, int] = field(default_factory=dict)
+    covered: int = 0
+    set_sizes: int = 0
+
+    def add(self, task: str, decision: RoutingDecision, task_sets: Sequence[TaskSet], task_index: int, correct: int, right_head: int) -> None:
+        self.count[task] = self.count.get(task, 0) + len(task_sets)
+        self.correct[task] = self.correct.get(task, 0) + correct
+        self.right_head[task] = self.right_head.get(task, 0) + right_head
+        self.top1_hits[task] = self.top1_hits.get(task, 0) + int((decision.weights.argmax(dim=1) == task_index).sum())
+        self.covered += sum(task_index in task_set for task_set in task_sets)
+        self.set_sizes += sum(len(task_set) for task_set in task_sets)
+
+    def accuracy(self, task: str) -> float:
+        return self.correct.get(task, 0) / max(self.count.get(task, 0), 1)
+
+    def routing(self, tasks: Sequence[str]) -> RoutingReport:
+        total = max(sum(self.count.values()), 1)
+        return RoutingReport(
+            split="test",
+            top1_accuracy=sum(self.top1_hits.values()) / total,
+            coverage=self.covered / total,
+            mean_set_size=self.set_sizes / total,
+            per_task_top1={task: self.top1_hits.get(task, 0) / max(self.count.get(task, 0), 1) for task in tasks},
+        )
 
 
 @dataclass
@@ -162,7 +266,7 @@ class SweepPoint:
     normalized_accuracy: float
 
 
-def split_accuracy(model: MassModel, zoo_dir: Path, tasks: Sequence[str], split: str, batch_size: int = 128) -> dict[str, float]:
+def split_accuracy(model: MassModel, zoo_dir: Path, tasks: Sequence[str], split: str, batch_size: int = EVAL_BATCH_SIZE) -> dict[str, float]:
     """Return the task-unknown accuracy of each task on one split (task and class must both match)."""
     manifest = read_manifest(zoo_dir)
     accuracies = {}
@@ -212,46 +316,67 @@ def router_layer_sweep(
 
 @dataclass
 class LatencyReport:
-    """Median seconds per batch of one pass of one model and of MASS inference, with their ratio."""
+    """Median seconds per batch of one pass of one model and of MASS inference, with their ratio.
+
+    `reuse_prefix_seconds` is MASS inference with `--reuse-prefix`, when it was measured.
+    """
 
     batch_size: int
     single_pass_seconds: float
     mass_seconds: float
+    reuse_prefix_seconds: float | None = None
 
     @property
     def ratio(self) -> float:
         return self.mass_seconds / self.single_pass_seconds
 
+    @property
+    def reuse_prefix_ratio(self) -> float | None:
+        return None if self.reuse_prefix_seconds is None else self.reuse_prefix_seconds / self.single_pass_seconds
 
-def measure_latency(model: MassModel, batches: Sequence[Any], *, repeats: int = 3) -> LatencyReport:
+
+def measure_latency(model: MassModel, batches: Sequence[Any], *, repeats: int = 3, with_reuse_prefix: bool = False) -> LatencyReport:
     """Time MASS inference against one pass of the shared model on the same batches (warm cache).
 
-    Every batch runs once before timing, so the merged weights of its task sets are
-    cached. The ratio excludes merging only if the cache has room for all those sets.
-    The two are timed alternately, batch by batch, so load from other processes hits
-    both alike; each is the median over `repeats` rounds.
+    MASS runs as the model is set (`model.reuse_prefix`); `with_reuse_prefix` also times
+    it with the prefix reused, in the same rounds. The task sets of every batch are
+    merged before timing, so the ratio excludes merging as long as the cache has room
+    for all of them. The runs are timed alternately, batch by batch, so load from other
+    processes hits all alike; each is the median over `repeats` rounds.
     """
+    modes = [model.reuse_prefix, True] if with_reuse_prefix else [model.reuse_prefix]
     for batch in batches:
-        model.run(batch)
-        model.shared_features(batch)
+        decision, _ = model.route(model.adapter.prepare(batch))
+        for task_set in set(model.task_sets_for(decision)):
+            model.cache.get(task_set)
+    model.shared_features(batches[0])  # the first forward pass of a process is slow
 
     single_rounds: list[float] = []
-    mass_rounds: list[float] = []
-    with torch.inference_mode():
-        for _ in range(repeats):
-            single = mass = 0.0
-            for batch in batches:
-                started = time.perf_counter()
-                model.shared_features(batch)
-                single += time.perf_counter() - started
-                started = time.perf_counter()
-                model.run(batch)
-                mass += time.perf_counter() - started
-            single_rounds.append(single / len(batches))
-            mass_rounds.append(mass / len(batches))
+    mass_rounds: list[list[float]] = [[] for _ in modes]
+    original = model.reuse_prefix
+    try:
+        with torch.inference_mode():
+            for _ in range(repeats):
+                single = 0.0
+                mass = [0.0] * len(modes)
+                for batch in batches:
+                    started = time.perf_counter()
+                    model.shared_features(batch)
+                    single += time.perf_counter() - started
+                    for index, reuse in enumerate(modes):
+                        model.reuse_prefix = reuse
+                        started = time.perf_counter()
+                        model.run(batch)
+                        mass[index] += time.perf_counter() - started
+                single_rounds.append(single / len(batches))
+                for index, seconds in enumerate(mass):
+                    mass_rounds[index].append(seconds / len(batches))
+    finally:
+        model.reuse_prefix = original
     middle = repeats // 2
     return LatencyReport(
         batch_size=len(batches[0]),
         single_pass_seconds=sorted(single_rounds)[middle],
-        mass_seconds=sorted(mass_rounds)[middle],
+        mass_seconds=sorted(mass_rounds[0])[middle],
+        reuse_prefix_seconds=sorted(mass_rounds[1])[middle] if with_reuse_prefix else None,
     )

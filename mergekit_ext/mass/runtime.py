@@ -179,11 +179,13 @@ class MassModel:
 
     # Pass 1 ---------------------------------------------------------------------------
 
-    def router_features(self, batch: ModelBatch) -> tuple[torch.Tensor, Any]:
+    def router_features(self, batch: ModelBatch, keep_prefix: bool | None = None) -> tuple[torch.Tensor, Any]:
         """Run θ_MT up to the router site; return the token-reduced router input and the prefix output.
 
-        The prefix output (the output of block ℓ−1) is recorded only with `reuse_prefix`.
+        The prefix output (the output of block ℓ−1) is recorded only when `keep_prefix`
+        is true, which defaults to the model's `reuse_prefix`.
         """
+        keep = self.reuse_prefix if keep_prefix is None else keep_prefix
         captured: dict[str, Any] = {}
 
         def capture_input(module: torch.nn.Module, args: tuple[Any, ...]) -> None:
@@ -194,7 +196,7 @@ class MassModel:
             captured["prefix"] = output
 
         handles = [self.site_module.register_forward_pre_hook(capture_input)]
-        if self.reuse_prefix and self.router_layer > 0:
+        if keep and self.router_layer > 0:
             handles.append(self.blocks[self.router_layer - 1].register_forward_hook(capture_prefix))
         try:
             with torch.inference_mode():
@@ -212,6 +214,13 @@ class MassModel:
         features, prefix = self.router_features(batch)
         return route(features, self.bases, self.settings), prefix
 
+    def task_sets_for(self, decision: RoutingDecision, settings: RouterSettings | None = None) -> list[TaskSet]:
+        """Return the task set each sample runs with: its own Ω, or one Ω for the batch under batch routing."""
+        if self.routing == "batch":
+            shared_set = select_tasks(decision.weights.mean(dim=0, keepdim=True), settings or self.settings)[0]
+            return [shared_set] * len(decision.task_sets)
+        return decision.task_sets
+
     # Pass 2 ---------------------------------------------------------------------------
 
     def merged_parameters(self, task_set: TaskSet) -> dict[str, torch.Tensor]:
@@ -223,11 +232,15 @@ class MassModel:
         """Two-pass inference on one batch of raw inputs (texts or preprocessed images)."""
         batch = self.adapter.prepare(raw)
         decision, prefix = self.route(batch)
-        task_sets = decision.task_sets
-        if self.routing == "batch":
-            shared_set = select_tasks(decision.weights.mean(dim=0, keepdim=True), self.settings)[0]
-            task_sets = [shared_set] * batch.size
+        task_sets = self.task_sets_for(decision)
+        features = self.second_pass(batch, task_sets, prefix)
+        return MassOutput(features=features, decision=decision, task_sets=task_sets)
 
+    def second_pass(self, batch: ModelBatch, task_sets: Sequence[TaskSet], prefix: Any = None) -> torch.Tensor:
+        """Run each group of samples with its θ_Ω; return the features in batch order.
+
+        With a `prefix` (pass 1's output of block ℓ−1), blocks before ℓ are skipped.
+        """
         groups: dict[TaskSet, list[int]] = {}
         for row, task_set in enumerate(task_sets):
             groups.setdefault(task_set, []).append(row)
@@ -244,7 +257,7 @@ class MassModel:
                     features = torch.empty(batch.size, *group_features.shape[1:], dtype=group_features.dtype, device=group_features.device)
                 features[index] = group_features
         assert features is not None
-        return MassOutput(features=features, decision=decision, task_sets=task_sets)
+        return features
 
     @contextmanager
     def _skipped_prefix(self, prefix: Any, rows: torch.Tensor, full_size: int) -> Iterator[None]:
@@ -281,12 +294,16 @@ class MassModel:
         With `restrict_to_selected`, a head's row is −inf for samples whose Ω leaves that task out.
         """
         output = self.run(raw)
-        logits = self.head_logits(output.features)
-        if self.restrict_to_selected:
+        return self.selected_head_logits(output.features, output.task_sets, self.restrict_to_selected), output
+
+    def selected_head_logits(self, features: torch.Tensor, task_sets: Sequence[TaskSet], restrict: bool = True) -> list[torch.Tensor]:
+        """Return every head's logits; with `restrict`, −inf where a sample's Ω leaves the head's task out."""
+        logits = self.head_logits(features)
+        if restrict:
             for task, task_logits in enumerate(logits):
-                outside = torch.tensor([task not in s for s in output.task_sets], device=task_logits.device)
+                outside = torch.tensor([task not in s for s in task_sets], device=task_logits.device)
                 task_logits[outside] = float("-inf")
-        return logits, output
+        return logits
 
     def task_logits(self, texts: Sequence[str], tasks: Sequence[str]) -> dict[str, torch.Tensor]:
         """Return {task: logits [len(texts), classes]} for the requested tasks (the zoo evaluation protocol)."""

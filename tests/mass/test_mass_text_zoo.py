@@ -8,7 +8,8 @@ from pathlib import Path
 from click.testing import CliRunner
 
 from mergekit_ext.cli.main import cli
-from mergekit_ext.mass.evaluation import evaluate_mass_text_zoo
+from mergekit_ext.mass.evaluation import MassVariant, evaluate_mass_text_zoo, evaluate_mass_variants, measure_latency
+from mergekit_ext.mass.runtime import MassModel
 
 # Measured on the small zoo (seed 0, 3 tasks): routing top-1 0.64 against 0.33 by chance,
 # normalized accuracy 0.68 with the task unknown (TSV-M: 0.66). The floors leave room for
@@ -41,3 +42,19 @@ def test_mass_on_small_text_zoo(small_text_zoo, tmp_path: Path) -> None:
     oracle = evaluate_mass_text_zoo(artifact, zoo_dir, oracle_head=True, device="cpu")
     assert oracle.accuracy.unknown_task is False
     assert oracle.accuracy.average_accuracy >= result["accuracy"]["average_accuracy"] - 1e-9
+
+    # One shared pass 1 for several variants gives what separate evaluations give.
+    model = MassModel.from_pretrained(artifact, device="cpu", cache_capacity=16)
+    variants = [MassVariant("topk", "topk"), MassVariant("top1", "top1"), MassVariant("reuse", "topk", reuse_prefix=True)]
+    shared = evaluate_mass_variants(model, zoo_dir, variants)
+    for variant in variants:
+        alone = evaluate_mass_text_zoo(artifact, zoo_dir, mode=variant.mode, reuse_prefix=variant.reuse_prefix, device="cpu")
+        assert [t.accuracy for t in shared[variant.label].accuracy.tasks] == [t.accuracy for t in alone.accuracy.tasks]
+        assert shared[variant.label].routing.coverage == alone.routing.coverage
+        assert shared[variant.label].routing.top1_accuracy == alone.routing.top1_accuracy
+    assert shared["topk"].accuracy.average_accuracy == result["accuracy"]["average_accuracy"]
+
+    latency = measure_latency(model, [["a noun gloss", "bonjour", "a quote about computers"]], repeats=1, with_reuse_prefix=True)
+    assert latency.single_pass_seconds > 0 and latency.mass_seconds > 0
+    assert latency.reuse_prefix_ratio is not None and latency.reuse_prefix_ratio > 0
+    assert model.reuse_prefix is False  # restored after timing
