@@ -23,8 +23,13 @@ from mergekit_ext.cli.main import GlobalOptions
     default=None,
     help="Folder for the merged models and the MASS artifact [default: the cache folder].",
 )
+@click.option(
+    "--rebuild",
+    is_flag=True,
+    help="Merge again even when the merged models of an earlier run are current.",
+)
 @click.pass_obj
-def demo_command(options: GlobalOptions, small: bool, zoo_dir: Path | None, work_dir: Path | None) -> None:
+def demo_command(options: GlobalOptions, small: bool, zoo_dir: Path | None, work_dir: Path | None, rebuild: bool) -> None:
     """Merge every task of the text zoo four ways and compare them with the task unknown."""
     from rich.console import Console
     from rich.table import Table
@@ -36,7 +41,7 @@ def demo_command(options: GlobalOptions, small: bool, zoo_dir: Path | None, work
     with stage_progress() as progress:
         report = run_demo(
             small=small, device=str(resolve_device(options.device)), zoo_dir=zoo_dir, work_dir=work_dir, seed=options.seed,
-            progress=RichStageProgress(progress),
+            rebuild=rebuild, progress=RichStageProgress(progress),
         )  # fmt: skip
 
     table = Table(title=f"Text zoo {report.zoo_dir.name}: test accuracy, task unknown")
@@ -52,11 +57,18 @@ def demo_command(options: GlobalOptions, small: bool, zoo_dir: Path | None, work
             row.method, *[f"{row.per_task[t]:.3f}" for t in report.tasks], f"{row.average:.3f}",
             f"{row.normalized:.3f}", "" if row.routing_top1 is None else f"{row.routing_top1:.3f}",
         )  # fmt: skip
-    Console().print(table)
+    console = Console()
+    if not console.is_terminal:
+        # Piped output (a log file, CI) would otherwise be cut to 80 columns.
+        console = Console(width=160)
+    console.print(table)
     click.echo(f"MASS storage: {report.storage_factor:.2f}x one model")
     click.echo(
         f"MASS latency against one forward pass (same batches, warm cache of {report.distinct_task_sets} "
         f"task sets): {report.latency_ratio:.2f}x two-pass, {report.reuse_prefix_latency_ratio:.2f}x with "
         f"--reuse-prefix (normalized accuracy {report.reuse_prefix_normalized:.3f})"
     )
+    reused = [name for name, was_reused in report.reused.items() if was_reused]
+    if reused:
+        click.echo(f"Reused from an earlier run (inputs, settings and code unchanged): {', '.join(reused)}; --rebuild merges again")
     click.echo(f"Finished in {report.seconds:.0f} s")

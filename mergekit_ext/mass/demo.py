@@ -8,6 +8,7 @@ with the largest max logit wins. It also measures the MASS storage factor and it
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -17,9 +18,11 @@ from typing import Any
 
 from mergekit_ext.engine import MergeOptions, run_recipe
 from mergekit_ext.mass.build import MassBuildOptions, build_mass_artifact
+from mergekit_ext.mass.config import MassConfig
 from mergekit_ext.mass.evaluation import MassVariant, evaluate_mass_variants, measure_latency, zoo_texts
 from mergekit_ext.mass.runtime import MassModel
 from mergekit_ext.recipe import parse_recipe
+from mergekit_ext.stamp import expected_stamp, is_current, write_stamp
 from mergekit_ext.cache import cache_root
 from mergekit_ext.zoo.evaluate import EvalResult, evaluate_text_zoo, read_manifest
 from mergekit_ext.zoo.text import build_text_zoo
@@ -38,7 +41,7 @@ CLASSIC_MERGES: dict[str, dict[str, Any]] = {
 }
 REUSE_PREFIX = "MASS --reuse-prefix"
 LATENCY_BATCH_SIZE = 64
-LATENCY_BATCHES = 4
+LATENCY_BATCHES = 3
 # Enough cache entries for every task set the test splits use, so latency excludes merging.
 DEMO_CACHE_CAPACITY = 64
 
@@ -68,6 +71,7 @@ class DemoReport:
     reuse_prefix_normalized: float = 0.0
     distinct_task_sets: int = 0
     seconds: float = 0.0
+    reused: dict[str, bool] = field(default_factory=dict)  # merge → taken from an earlier run
 
 
 def _row(method: str, result: EvalResult, routing_top1: float | None = None) -> DemoRow:
@@ -87,9 +91,15 @@ def run_demo(
     zoo_dir: Path | None = None,
     work_dir: Path | None = None,
     seed: int = 0,
+    rebuild: bool = False,
     progress: ProgressCallback | None = None,
 ) -> DemoReport:
-    """Run the demonstration and return its report (the zoo is built first when missing)."""
+    """Run the demonstration and return its report (the zoo is built first when missing).
+
+    Merged models and the MASS artifact from an earlier run in `work_dir` are reused
+    when their settings, inputs and this package's code are unchanged (see
+    `mergekit_ext.stamp`), unless `rebuild` is set. Evaluation always runs.
+    """
     started = time.perf_counter()
     if zoo_dir is not None and (zoo_dir / "zoo.json").is_file():
         # An explicit, finished zoo is used as it is, even if built with other settings.
@@ -109,28 +119,37 @@ def run_demo(
         if settings["merge_method"] == "tsv":
             continue  # the MASS artifact's shared model, evaluated below
         output = work / settings["merge_method"]
-        recipe = parse_recipe({"base_model": str(base), "models": [{"model": str(m)} for m in models], **settings})
-        run_recipe(recipe, MergeOptions(output=output, seed=seed, device=device, force=True))
+        recipe_data = {"base_model": str(base), "models": [{"model": str(m)} for m in models], **settings}
+
+        def merge(output: Path = output, recipe_data: dict[str, Any] = recipe_data) -> None:
+            run_recipe(parse_recipe(recipe_data), MergeOptions(output=output, seed=seed, device=device, force=True))
+
+        report.reused[method] = _build_or_reuse(output, {"recipe": recipe_data, "seed": seed, "device": device}, [base, *models], merge, rebuild)
         result = evaluate_text_zoo(output, zoo_dir, unknown_task=True, device=device, progress=progress)
         report.rows.append(_row(method, result))
         logger.info("%s: normalized accuracy %.3f", method, result.average_normalized_accuracy)
 
     artifact = work / "mass"
-    built = build_mass_artifact(
-        base, models, artifact, task_names=tasks, heads=heads,
-        options=MassBuildOptions(device=device, seed=seed, force=True),
-    )  # fmt: skip
-    report.storage_factor = built.config.storage.storage_factor
-    # The artifact's shared model is θ_base + TSV-M of all tasks, the same weights as the
-    # `tsv` merge method gives (tests/mass/test_mass_artifact.py), so it is evaluated
-    # as the TSV-M row instead of merging the same model a second time.
-    result = evaluate_text_zoo(artifact, zoo_dir, unknown_task=True, device=device, progress=progress)
-    report.rows.append(_row("TSV-M", result))
-    logger.info("TSV-M: normalized accuracy %.3f", result.average_normalized_accuracy)
+    build_options = MassBuildOptions(device=device, seed=seed, force=True)
 
+    def build() -> None:
+        build_mass_artifact(base, models, artifact, task_names=tasks, heads=heads, options=build_options)
+
+    mass_settings = {"options": dataclasses.asdict(build_options), "tasks": tasks}
+    report.reused["MASS"] = _build_or_reuse(artifact, mass_settings, [base, *models, *heads], build, rebuild)
+    report.storage_factor = MassConfig.load(artifact).storage.storage_factor
+    # The artifact's shared model is θ_base + TSV-M of all tasks, the same weights as the
+    # `tsv` merge method gives (tests/mass/test_mass_artifact.py). It is evaluated as the
+    # TSV-M row, continuing from MASS's pass 1, instead of merging the same model again.
     model = MassModel.from_pretrained(artifact, device=device, cache_capacity=DEMO_CACHE_CAPACITY)
-    variants = [MassVariant("MASS", "topk"), MassVariant("MASS top-1", "top1"), MassVariant(REUSE_PREFIX, "topk", reuse_prefix=True)]
+    variants = [
+        MassVariant("TSV-M", shared_model=True),
+        MassVariant("MASS", "topk"),
+        MassVariant("MASS top-1", "top1"),
+        MassVariant(REUSE_PREFIX, "topk", reuse_prefix=True),
+    ]
     results = evaluate_mass_variants(model, zoo_dir, variants, model_name=str(artifact), progress=progress)
+    report.rows.append(_row("TSV-M", results["TSV-M"].accuracy))
     for label in ("MASS", "MASS top-1"):
         report.rows.append(_row(label, results[label].accuracy, results[label].routing.top1_accuracy))
     report.reuse_prefix_normalized = results[REUSE_PREFIX].accuracy.average_normalized_accuracy
@@ -142,6 +161,19 @@ def run_demo(
     report.distinct_task_sets = len(model.cache)
     report.seconds = time.perf_counter() - started
     return report
+
+
+def _build_or_reuse(output: Path, settings: dict[str, Any], inputs: list[Path], build: Callable[[], None], rebuild: bool) -> bool:
+    """Run `build` unless `output` is current for these settings and inputs; return True when reused."""
+    stamp_file = output.with_name(output.name + ".stamp.json")
+    expected = expected_stamp(settings, inputs)
+    if not rebuild and is_current(output, stamp_file, expected):
+        logger.info("Reusing %s: settings, inputs and code are unchanged", output)
+        return True
+    stamp_file.unlink(missing_ok=True)
+    build()
+    write_stamp(output, stamp_file, expected)
+    return False
 
 
 def _latency_batches(zoo_dir: Path, tasks: list[str]) -> list[list[str]]:

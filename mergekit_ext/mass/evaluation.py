@@ -102,12 +102,17 @@ def routing_accuracy(
 
 @dataclass(frozen=True)
 class MassVariant:
-    """One way to run an artifact at evaluation: routing mode, prefix reuse, oracle head."""
+    """One way to run an artifact at evaluation: routing mode, prefix reuse, oracle head.
+
+    `shared_model` runs the shared model θ_MT (the TSV-M merge of all tasks) for every
+    sample with every head, continuing from pass 1: the TSV-M baseline at little cost.
+    """
 
     label: str
     mode: RoutingMode = "topk"
     reuse_prefix: bool = False
     oracle_head: bool = False
+    shared_model: bool = False
 
 
 def evaluate_mass_text_zoo(
@@ -166,7 +171,7 @@ def evaluate_mass_variants(
     if hasattr(model.adapter, "max_length"):
         model.adapter.max_length = max(int(manifest["tasks"][t]["max_length"]) for t in selected)
 
-    keep_prefix = any(variant.reuse_prefix for variant in variants)
+    keep_prefix = any(variant.reuse_prefix or variant.shared_model for variant in variants)
     settings = {v.label: dataclasses.replace(model.settings, mode=v.mode) for v in variants}
     tallies = {v.label: _Tally() for v in variants}
     names = model.task_names
@@ -183,8 +188,12 @@ def evaluate_mass_variants(
             weights = routing_weights(residuals, model.settings.temperature)
             for variant in variants:
                 decision = RoutingDecision(residuals, weights, select_tasks(weights, settings[variant.label]))
-                task_sets = model.task_sets_for(decision, settings[variant.label])
-                outputs = model.second_pass(batch, task_sets, prefix if variant.reuse_prefix else None)
+                if variant.shared_model:
+                    task_sets = [tuple(range(len(names)))] * batch.size
+                    outputs = model.shared_features_from_prefix(batch, prefix)
+                else:
+                    task_sets = model.task_sets_for(decision, settings[variant.label])
+                    outputs = model.second_pass(batch, task_sets, prefix if variant.reuse_prefix else None)
                 head_logits = model.selected_head_logits(outputs, task_sets, restrict=not variant.oracle_head)
                 candidates = selected if not variant.oracle_head else [task]
                 logits = {name: head_logits[names.index(name)].cpu() for name in candidates}

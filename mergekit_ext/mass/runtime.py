@@ -280,6 +280,12 @@ class MassModel:
         with torch.inference_mode():
             return self.adapter(self.adapter.prepare(raw))
 
+    def shared_features_from_prefix(self, batch: ModelBatch, prefix: Any) -> torch.Tensor:
+        """Finish the shared model θ_MT from pass 1's output of block ℓ−1 (the whole pass without one)."""
+        rows = torch.arange(batch.size, device=self.adapter.device)
+        with torch.inference_mode(), self._skipped_prefix(prefix, rows, batch.size):
+            return self.adapter(batch)
+
     # Heads ----------------------------------------------------------------------------
 
     def head_logits(self, features: torch.Tensor) -> list[torch.Tensor]:

@@ -10,6 +10,7 @@ from click.testing import CliRunner
 from mergekit_ext.cli.main import cli
 from mergekit_ext.mass.evaluation import MassVariant, evaluate_mass_text_zoo, evaluate_mass_variants, measure_latency
 from mergekit_ext.mass.runtime import MassModel
+from mergekit_ext.zoo.evaluate import evaluate_text_zoo
 
 # Measured on the small zoo (seed 0, 3 tasks): routing top-1 0.64 against 0.33 by chance,
 # normalized accuracy 0.68 with the task unknown (TSV-M: 0.66). The floors leave room for
@@ -46,7 +47,10 @@ def test_mass_on_small_text_zoo(small_text_zoo, tmp_path: Path) -> None:
     # One shared pass 1 for several variants gives what separate evaluations give.
     model = MassModel.from_pretrained(artifact, device="cpu", cache_capacity=16)
     variants = [MassVariant("topk", "topk"), MassVariant("top1", "top1"), MassVariant("reuse", "topk", reuse_prefix=True)]
-    shared = evaluate_mass_variants(model, zoo_dir, variants)
+    shared = evaluate_mass_variants(model, zoo_dir, [*variants, MassVariant("tsv", shared_model=True)])
+    # The shared model finished from pass 1 scores like the artifact loaded as a plain encoder.
+    plain = evaluate_text_zoo(artifact, zoo_dir, unknown_task=True, device="cpu")
+    assert [t.accuracy for t in shared["tsv"].accuracy.tasks] == [t.accuracy for t in plain.tasks]
     for variant in variants:
         alone = evaluate_mass_text_zoo(artifact, zoo_dir, mode=variant.mode, reuse_prefix=variant.reuse_prefix, device="cpu")
         assert [t.accuracy for t in shared[variant.label].accuracy.tasks] == [t.accuracy for t in alone.accuracy.tasks]
