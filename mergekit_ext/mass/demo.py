@@ -92,13 +92,15 @@ def run_demo(
     work_dir: Path | None = None,
     seed: int = 0,
     rebuild: bool = False,
+    latency: bool = True,
     progress: ProgressCallback | None = None,
 ) -> DemoReport:
     """Run the demonstration and return its report (the zoo is built first when missing).
 
     Merged models and the MASS artifact from an earlier run in `work_dir` are reused
     when their settings, inputs and this package's code are unchanged (see
-    `mergekit_ext.stamp`), unless `rebuild` is set. Evaluation always runs.
+    `mergekit_ext.stamp`), unless `rebuild` is set. Evaluation always runs; the latency
+    measurement only with `latency`.
     """
     started = time.perf_counter()
     if zoo_dir is not None and (zoo_dir / "zoo.json").is_file():
@@ -154,10 +156,10 @@ def run_demo(
         report.rows.append(_row(label, results[label].accuracy, results[label].routing.top1_accuracy))
     report.reuse_prefix_normalized = results[REUSE_PREFIX].accuracy.average_normalized_accuracy
 
-    batches = _latency_batches(zoo_dir, tasks)
-    latency = measure_latency(model, batches, with_reuse_prefix=True)
-    report.latency_ratio = latency.ratio
-    report.reuse_prefix_latency_ratio = latency.reuse_prefix_ratio or 0.0
+    if latency:
+        timing = measure_latency(model, _latency_batches(zoo_dir, tasks), with_reuse_prefix=True)
+        report.latency_ratio = timing.ratio
+        report.reuse_prefix_latency_ratio = timing.reuse_prefix_ratio or 0.0
     report.distinct_task_sets = len(model.cache)
     report.seconds = time.perf_counter() - started
     return report
