@@ -23,6 +23,12 @@ from mergekit_ext.cli.progress import progress_callback
 @click.option("--svd", "svd_method", type=click.Choice(["full", "randomized"]), default="full", show_default=True, help="SVD algorithm for the per-task truncation.")
 @click.option("--redundancy-filter", "redundancy_epsilon", type=float, default=None, help="Leave a task out of the shared model's tensor when its cosine with a kept task exceeds this value (MASS uses 0.3); off by default.")
 @click.option("--router-layer", type=int, default=None, help="Block whose first MLP linear input routes [default: ⌊0.75·blocks⌋].")
+@click.option(
+    "--router-rank",
+    type=int,
+    default=None,
+    help="Route on each task's top N singular vectors instead of all k (not part of MASS as published) [default: all k].",
+)
 @click.option("--token-rule", type=click.Choice(["cls", "mean"]), default=None, help="Router token rule [default: cls for images, mean for text].")
 @click.option("--threshold", type=float, default=0.2, show_default=True, help="Routing weight a task must exceed to be selected.")
 @click.option("--top-k", type=int, default=3, show_default=True, help="Most tasks selected per sample.")

@@ -52,6 +52,7 @@ class MassBuildOptions:
     svd_method: SvdMethod = "full"
     redundancy_epsilon: float | None = None
     router_layer: int | None = None
+    router_rank: int | None = None
     token_rule: str | None = None
     threshold: float = 0.2
     top_k: int = 3
@@ -119,6 +120,8 @@ def _check_options(options: MassBuildOptions, num_tasks: int) -> None:
         raise RecipeError(f"--threshold {options.threshold} is invalid; it must be in (0, 1)")
     if options.top_k < 1:
         raise RecipeError(f"--top-k {options.top_k} is invalid; it must be at least 1")
+    if options.router_rank is not None and options.router_rank < 1:
+        raise RecipeError(f"--router-rank {options.router_rank} is invalid; it must be at least 1")
     if options.temperature <= 0:
         raise RecipeError(f"--temperature {options.temperature} is invalid; it must be positive")
 
@@ -235,6 +238,7 @@ def build_mass_artifact(
                 top_k=options.top_k,
                 temperature=options.temperature,
                 mode=options.mode,  # type: ignore[arg-type]
+                rank=options.router_rank,
             ),
             has_heads=bool(head_list),
             reuse_prefix=options.reuse_prefix,

@@ -54,6 +54,10 @@ class RouterConfig(BaseModel):
     top_k: int = 3
     temperature: float = 1.0
     mode: Literal["topk", "top1"] = "topk"
+    rank: int | None = Field(
+        default=None,
+        description="Singular vectors per task used by the router (the top ones); None: all k, as in MASS.",
+    )
 
 
 class StorageReport(BaseModel):

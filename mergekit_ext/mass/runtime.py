@@ -69,6 +69,7 @@ class MassModel:
         heads: list[CosineHead],
         *,
         router_layer: int | None = None,
+        router_rank: int | None = None,
         settings: RouterSettings | None = None,
         cache_capacity: int = 8,
         reuse_prefix: bool = False,
@@ -96,6 +97,9 @@ class MassModel:
         self.adapter_dtypes = {name: tensor.dtype for name, tensor in adapter.state_dict().items()}
         dtypes = {t: self.adapter_dtypes[p] for t, p in self.tensor_to_parameter.items()}
         self.cache = MergedModelCache(store, cache_capacity, dtypes)
+        self.router_rank = config.router.rank if router_rank is None else router_rank
+        if self.router_rank is not None and self.router_rank < 1:
+            raise RecipeError(f"router rank {self.router_rank} is invalid; it must be at least 1")
         self.set_router_layer(config.router.layer if router_layer is None else router_layer)
 
     @property
@@ -107,7 +111,11 @@ class MassModel:
         return self.config.model_kind
 
     def set_router_layer(self, layer: int) -> None:
-        """Move the router to block `layer` and rebuild the task bases Vᵢ from that block's factors."""
+        """Move the router to block `layer` and rebuild the task bases Vᵢ from that block's factors.
+
+        With a router rank r, Vᵢ keeps only the top r of the k singular vectors (an
+        extension, not part of MASS as published; θ_Ω still uses all k).
+        """
         site, index = find_router_site(self.adapter.model, layer)
         _, blocks = find_block_list(self.adapter.model)
         self.router_layer = index
@@ -125,9 +133,9 @@ class MassModel:
                 bases.append(torch.zeros(0, width, device=self.adapter.device))
             elif type(self.site_module).__name__ == "Conv1D":
                 # transformers' Conv1D (GPT-2) stores its weight as (in, out): the input side is u.
-                bases.append(factors.u.T.contiguous())
+                bases.append(factors.u.T[: self.router_rank].contiguous())
             else:
-                bases.append(factors.vh)
+                bases.append(factors.vh[: self.router_rank])
         if all(b.shape[0] == 0 for b in bases):
             raise CheckpointError(
                 f"no task changed the router site {site} (block {index}); choose another router layer"
@@ -141,6 +149,7 @@ class MassModel:
         *,
         device: str | torch.device = "auto",
         router_layer: int | None = None,
+        router_rank: int | None = None,
         threshold: float | None = None,
         top_k: int | None = None,
         temperature: float | None = None,
@@ -171,6 +180,7 @@ class MassModel:
             store,
             heads,
             router_layer=router_layer,
+            router_rank=router_rank,
             settings=settings,
             cache_capacity=cache_capacity,
             reuse_prefix=config.reuse_prefix if reuse_prefix is None else reuse_prefix,

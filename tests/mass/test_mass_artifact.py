@@ -213,6 +213,31 @@ def test_router_settings_override(tiny_mass) -> None:
     assert model.settings == RouterSettings(temperature=1.0, threshold=0.3, top_k=2, mode="top1")
 
 
+def test_router_rank_keeps_top_singular_vectors(tiny_mass, tmp_path: Path) -> None:
+    full = MassModel.from_pretrained(tiny_mass.artifact, device="cpu")
+    reduced = MassModel.from_pretrained(tiny_mass.artifact, device="cpu", router_rank=2)
+    for basis, top in zip(full.bases, reduced.bases):
+        assert top.shape[0] == 2
+        assert torch.equal(top, basis[:2])  # vh rows come in decreasing singular value order
+    batch = reduced.adapter.prepare(TEXTS)
+    features, _ = reduced.router_features(batch)
+    decision, _ = reduced.route(batch)
+    expected = torch.stack([(features - features @ b.T @ b).norm(dim=1) for b in reduced.bases], dim=1)
+    torch.testing.assert_close(decision.residuals, expected, atol=1e-4, rtol=1e-4)
+    # θ_Ω is unchanged: the router rank only affects the choice of Ω.
+    for name, tensor in reduced.merged_parameters((0, 1)).items():
+        assert torch.equal(tensor, full.merged_parameters((0, 1))[name])
+
+    stored = tmp_path / "stored"
+    options = MassBuildOptions(device="cpu", router_layer=2, router_rank=3)
+    build_mass_artifact(tiny_mass.base, tiny_mass.models, stored, heads=tiny_mass.heads, options=options)
+    assert MassConfig.load(stored).router.rank == 3
+    assert MassModel.from_pretrained(stored, device="cpu").bases[0].shape[0] == 3
+    with pytest.raises(RecipeError, match="router-rank 0"):
+        build_mass_artifact(tiny_mass.base, tiny_mass.models, tmp_path / "bad", options=MassBuildOptions(device="cpu", router_rank=0))
+    assert not (tmp_path / "bad").exists()
+
+
 def test_build_rejects_single_task(tiny_mass, tmp_path: Path) -> None:
     with pytest.raises(RecipeError, match="at least two"):
         build_mass_artifact(tiny_mass.base, tiny_mass.models[:1], tmp_path / "out")
