@@ -56,7 +56,7 @@ class RouterConfig(BaseModel):
     mode: Literal["topk", "top1"] = "topk"
     rank: int | None = Field(
         default=None,
-        description="Singular vectors per task used by the router (the top ones); None: all k, as in MASS.",
+        description="Top singular vectors per task that the router uses. None means all k, as in MASS.",
     )
 
 

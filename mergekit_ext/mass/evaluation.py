@@ -155,7 +155,7 @@ def evaluate_mass_variants(
     """Evaluate several variants of one artifact on the test splits, sharing pass 1.
 
     Pass 1 depends only on the shared model and the router block, so it runs once per
-    batch; each variant then routes with its own mode and runs its own pass 2. Routing
+    batch. Each variant then routes with its own mode and runs its own pass 2. Routing
     accuracy comes from the same pass 1. Returns one result per variant label.
     """
     zoo_dir = Path(zoo_dir)
@@ -163,7 +163,8 @@ def evaluate_mass_variants(
     selected = list(tasks) if tasks else [t for t in manifest["tasks"] if t in model.task_names]
     missing = [t for t in selected if t not in model.task_names]
     if missing:
-        raise RecipeError(f"the artifact {model_name or 'being evaluated'} has no task {missing[0]!r}; it has {model.task_names}")
+        artifact = model_name or "the MASS artifact"
+        raise RecipeError(f"{artifact} has no task {missing[0]!r}; it has {model.task_names}. Pick tasks from that list")
     labels = [variant.label for variant in variants]
     if len(set(labels)) != len(labels):
         raise ValueError(f"variant labels {labels} repeat; give each variant its own label")
@@ -351,7 +352,7 @@ def measure_latency(model: MassModel, batches: Sequence[Any], *, repeats: int = 
     it with the prefix reused, in the same rounds. The task sets of every batch are
     merged before timing, so the ratio excludes merging as long as the cache has room
     for all of them. The runs are timed alternately, batch by batch, so load from other
-    processes hits all alike; each is the median over `repeats` rounds.
+    processes hits all alike. Each time is the median over `repeats` rounds.
     """
     modes = [model.reuse_prefix, True] if with_reuse_prefix else [model.reuse_prefix]
     for batch in batches:

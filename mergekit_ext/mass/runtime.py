@@ -113,8 +113,8 @@ class MassModel:
     def set_router_layer(self, layer: int) -> None:
         """Move the router to block `layer` and rebuild the task bases Vᵢ from that block's factors.
 
-        With a router rank r, Vᵢ keeps only the top r of the k singular vectors (an
-        extension, not part of MASS as published; θ_Ω still uses all k).
+        With a router rank r, Vᵢ keeps only the top r of the k singular vectors. This is
+        an extension, not part of MASS as published, and θ_Ω still uses all k.
         """
         site, index = find_router_site(self.adapter.model, layer)
         _, blocks = find_block_list(self.adapter.model)
@@ -247,7 +247,7 @@ class MassModel:
         return MassOutput(features=features, decision=decision, task_sets=task_sets)
 
     def second_pass(self, batch: ModelBatch, task_sets: Sequence[TaskSet], prefix: Any = None) -> torch.Tensor:
-        """Run each group of samples with its θ_Ω; return the features in batch order.
+        """Run each group of samples with its θ_Ω and return the features in batch order.
 
         With a `prefix` (pass 1's output of block ℓ−1), blocks before ℓ are skipped.
         """

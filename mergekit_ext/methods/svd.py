@@ -13,8 +13,8 @@ def truncated_svd(
     return u[:, :rank], s[:rank], vh[:rank, :]
 
 
-# The Gram route squares the condition number; beyond this ratio of the smallest to the
-# largest eigenvalue of AᵀA (a condition number of A above 10⁴) the SVD is used instead.
+# The Gram route squares the condition number of A. Below this ratio of the smallest to
+# the largest eigenvalue of AᵀA (a condition number of A above 10⁴), the SVD is used.
 GRAM_EIGENVALUE_RATIO = 1e-8
 
 

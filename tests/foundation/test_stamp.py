@@ -62,7 +62,7 @@ def test_missing_or_corrupt_stamp_is_stale(built) -> None:
     assert not is_current(output, stamp_file, expected)
 
 
-def test_input_without_files_is_refused(tmp_path: Path) -> None:
+def test_input_without_files_is_rejected(tmp_path: Path) -> None:
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(FileNotFoundError, match="no files"):

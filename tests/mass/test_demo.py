@@ -20,7 +20,8 @@ def test_demo_on_small_zoo_then_reuses_merges(small_text_zoo, tmp_path: Path) ->
         assert row in first.output
     for task in manifest["tasks"]:
         assert task in first.output
-    assert "MASS storage:" in first.output and "two-pass" in first.output
+    assert "MASS storage:" in first.output
+    assert "two-pass" in first.output
     assert "Reused" not in first.output
     for name in ("task_arithmetic", "ties", "mass"):
         assert (work / f"{name}.stamp.json").is_file()
