@@ -29,7 +29,13 @@ from mergekit_ext.cli.progress import progress_callback
     default=None,
     help="Route on each task's top N singular vectors instead of all k (not part of MASS as published) [default: all k].",
 )
-@click.option("--token-rule", type=click.Choice(["cls", "mean"]), default=None, help="Router token rule [default: cls for images, mean for text].")
+@click.option(
+    "--token-rule",
+    type=click.Choice(["cls", "mean", "content"]),
+    default=None,
+    help="Router token rule: the first token, the mean of non-padding tokens, or the mean of tokens that are "
+    "neither padding nor special ([CLS], [SEP]) [default: cls for images, mean for text].",
+)
 @click.option("--threshold", type=float, default=0.2, show_default=True, help="Routing weight a task must exceed to be selected.")
 @click.option("--top-k", type=int, default=3, show_default=True, help="Most tasks selected per sample.")
 @click.option("--temperature", type=float, default=1.0, show_default=True, help="Softmax temperature of the routing weights.")

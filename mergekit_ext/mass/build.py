@@ -27,10 +27,12 @@ from mergekit_ext.errors import IncompatibleModelsError, RecipeError
 from mergekit_ext.mass.config import (
     FACTORS_FOLDER,
     HEADS_FOLDER,
+    TEXT_KINDS,
     MassConfig,
     ModelKind,
     RouterConfig,
     StorageReport,
+    check_token_rule,
     factor_file,
     head_file,
 )
@@ -185,7 +187,8 @@ def build_mass_artifact(
     head_list = _load_heads([Path(h) for h in heads], names, _feature_size(base_path, kind)) if heads else []
     _check_tensor_names(base_checkpoint, task_checkpoints)
     router_weight, router_layer = find_router_weight_name(base_checkpoint.names, options.router_layer)
-    token_rule = options.token_rule or ("mean" if kind in ("hf-encoder", "causal-lm") else "cls")
+    token_rule = options.token_rule or ("mean" if kind in TEXT_KINDS else "cls")
+    check_token_rule(token_rule, kind)
 
     plan = [PlannedTensor(n, base_checkpoint.info(n).shape, base_checkpoint.info(n).dtype) for n in base_checkpoint.names]
     factors: list[dict[str, torch.Tensor]] = [{} for _ in model_paths]

@@ -20,7 +20,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from mergekit_ext.errors import CheckpointError
+from mergekit_ext.errors import CheckpointError, RecipeError
 
 FORMAT_VERSION = 1
 CONFIG_NAME = "mass_config.json"
@@ -28,7 +28,19 @@ FACTORS_FOLDER = "mass"
 HEADS_FOLDER = "mass/heads"
 
 ModelKind = Literal["hf-encoder", "hf-clip-vision", "open-clip", "causal-lm"]
-TokenRule = Literal["cls", "mean"]
+# cls: the first token. mean: the mean over non-padding tokens. content: the mean over
+# tokens that are neither padding nor special tokens ([CLS], [SEP], BOS).
+TokenRule = Literal["cls", "mean", "content"]
+TOKEN_RULES: tuple[TokenRule, ...] = ("cls", "mean", "content")
+TEXT_KINDS: tuple[str, ...] = ("hf-encoder", "causal-lm")
+
+
+def check_token_rule(rule: str, kind: str) -> None:
+    """Raise unless `rule` is a token rule that models of `kind` support (content needs a tokenizer)."""
+    if rule not in TOKEN_RULES:
+        raise RecipeError(f"token rule {rule!r} is invalid; use one of {', '.join(TOKEN_RULES)}")
+    if rule == "content" and kind not in TEXT_KINDS:
+        raise RecipeError(f"token rule 'content' needs a text model, and this one is {kind}; use cls or mean")
 
 
 def factor_file(task_index: int) -> str:

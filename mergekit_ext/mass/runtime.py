@@ -24,7 +24,7 @@ from torch.func import functional_call
 
 from mergekit_ext.device import resolve_device
 from mergekit_ext.errors import CheckpointError, RecipeError
-from mergekit_ext.mass.config import MassConfig, ModelKind, head_file
+from mergekit_ext.mass.config import MassConfig, ModelKind, TokenRule, check_token_rule, head_file
 from mergekit_ext.mass.router import RouterSettings, RoutingDecision, route, select_tasks
 from mergekit_ext.mass.task_store import MergedModelCache, TaskSet, TaskStore
 from mergekit_ext.models.adapters import ForwardAdapter, ModelBatch, load_adapter, parameter_names
@@ -70,6 +70,7 @@ class MassModel:
         *,
         router_layer: int | None = None,
         router_rank: int | None = None,
+        token_rule: TokenRule | None = None,
         settings: RouterSettings | None = None,
         cache_capacity: int = 8,
         reuse_prefix: bool = False,
@@ -97,6 +98,9 @@ class MassModel:
         self.adapter_dtypes = {name: tensor.dtype for name, tensor in adapter.state_dict().items()}
         dtypes = {t: self.adapter_dtypes[p] for t, p in self.tensor_to_parameter.items()}
         self.cache = MergedModelCache(store, cache_capacity, dtypes)
+        rule = config.router.token_rule if token_rule is None else token_rule
+        check_token_rule(rule, config.model_kind)
+        self.adapter.token_rule = rule
         self.router_rank = config.router.rank if router_rank is None else router_rank
         if self.router_rank is not None and self.router_rank < 1:
             raise RecipeError(f"router rank {self.router_rank} is invalid; it must be at least 1")
@@ -150,6 +154,7 @@ class MassModel:
         device: str | torch.device = "auto",
         router_layer: int | None = None,
         router_rank: int | None = None,
+        token_rule: TokenRule | None = None,
         threshold: float | None = None,
         top_k: int | None = None,
         temperature: float | None = None,
@@ -181,6 +186,7 @@ class MassModel:
             heads,
             router_layer=router_layer,
             router_rank=router_rank,
+            token_rule=token_rule,
             settings=settings,
             cache_capacity=cache_capacity,
             reuse_prefix=config.reuse_prefix if reuse_prefix is None else reuse_prefix,

@@ -31,17 +31,41 @@ OPEN_CLIP_WEIGHTS = ("open_clip_model.safetensors", "model.safetensors")
 
 @dataclass
 class ModelBatch:
-    """Model keyword inputs for one batch, and the mask of tokens the mean token rule averages."""
+    """Model keyword inputs for one batch, and the token masks the router's token rules average over.
+
+    `token_mask` marks non-padding tokens (the `mean` rule); `content_mask` marks the
+    tokens that are neither padding nor special tokens such as [CLS] and [SEP] (the
+    `content` rule).
+    """
 
     inputs: dict[str, torch.Tensor]
     token_mask: torch.Tensor | None
     size: int
+    content_mask: torch.Tensor | None = None
 
     def select(self, rows: torch.Tensor) -> ModelBatch:
         """Return the sub-batch of the given row indices (padding length unchanged)."""
         inputs = {key: value[rows] for key, value in self.inputs.items()}
         mask = None if self.token_mask is None else self.token_mask[rows]
-        return ModelBatch(inputs=inputs, token_mask=mask, size=int(rows.numel()))
+        content = None if self.content_mask is None else self.content_mask[rows]
+        return ModelBatch(inputs=inputs, token_mask=mask, size=int(rows.numel()), content_mask=content)
+
+
+def marker_token_ids(tokenizer: Any) -> list[int]:
+    """Return the ids of the tokens that frame a text ([CLS], [SEP], BOS, EOS, padding).
+
+    Unknown-word tokens are not among them: they stand for a word of the text.
+    """
+    names = ("cls_token_id", "sep_token_id", "bos_token_id", "eos_token_id", "pad_token_id")
+    return sorted({value for value in (getattr(tokenizer, name, None) for name in names) if value is not None})
+
+
+def text_batch(tokenizer: Any, encoded: Any, device: torch.device, size: int) -> ModelBatch:
+    """Build the batch of tokenized texts, with the mask of content tokens (not padding, not a marker)."""
+    inputs = {"input_ids": encoded["input_ids"].to(device), "attention_mask": encoded["attention_mask"].to(device)}
+    markers = torch.tensor(marker_token_ids(tokenizer), dtype=inputs["input_ids"].dtype, device=device)
+    content = inputs["attention_mask"].bool() & ~torch.isin(inputs["input_ids"], markers)
+    return ModelBatch(inputs=inputs, token_mask=inputs["attention_mask"], size=size, content_mask=content)
 
 
 class ForwardAdapter(torch.nn.Module):
@@ -74,9 +98,14 @@ class ForwardAdapter(torch.nn.Module):
             return states.float()
         if self.token_rule == "cls":
             return states[:, 0].float()
-        if batch.token_mask is None:
+        mask = batch.token_mask
+        if self.token_rule == "content" and batch.content_mask is not None:
+            # A text made only of special tokens (an empty string) falls back to them.
+            empty = ~batch.content_mask.any(dim=1, keepdim=True)
+            mask = batch.content_mask | (empty & batch.token_mask.bool()) if batch.token_mask is not None else batch.content_mask
+        if mask is None:
             return states.float().mean(dim=1)
-        return mean_pool(states.float(), batch.token_mask.to(states.device))
+        return mean_pool(states.float(), mask.to(states.device))
 
 
 class TextEncoderAdapter(ForwardAdapter):
@@ -94,8 +123,7 @@ class TextEncoderAdapter(ForwardAdapter):
         encoded = self.tokenizer(
             list(raw), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
         )
-        inputs = {"input_ids": encoded["input_ids"].to(self.device), "attention_mask": encoded["attention_mask"].to(self.device)}
-        return ModelBatch(inputs=inputs, token_mask=inputs["attention_mask"], size=len(raw))
+        return text_batch(self.tokenizer, encoded, self.device, len(raw))
 
     def select_rows(self, batch: ModelBatch, rows: torch.Tensor, keep_length: bool) -> ModelBatch:
         """Return a sub-batch, cut to its longest text unless `keep_length` (the tokenizer pads on the right)."""
@@ -104,7 +132,8 @@ class TextEncoderAdapter(ForwardAdapter):
             return selected
         length = max(int(selected.inputs["attention_mask"].sum(dim=1).max()), 1)
         inputs = {key: value[:, :length] for key, value in selected.inputs.items()}
-        return ModelBatch(inputs=inputs, token_mask=inputs["attention_mask"], size=selected.size)
+        content = None if selected.content_mask is None else selected.content_mask[:, :length]
+        return ModelBatch(inputs=inputs, token_mask=inputs["attention_mask"], size=selected.size, content_mask=content)
 
     def forward(self, batch: ModelBatch) -> torch.Tensor:  # type: ignore[override]
         output = self.model(**batch.inputs)
@@ -166,8 +195,7 @@ class CausalLmAdapter(ForwardAdapter):
 
     def prepare(self, raw: Sequence[str]) -> ModelBatch:
         encoded = self.tokenizer(list(raw), padding=True, return_tensors="pt")
-        inputs = {"input_ids": encoded["input_ids"].to(self.device), "attention_mask": encoded["attention_mask"].to(self.device)}
-        return ModelBatch(inputs=inputs, token_mask=inputs["attention_mask"], size=len(raw))
+        return text_batch(self.tokenizer, encoded, self.device, len(raw))
 
     def forward(self, batch: ModelBatch, generate_kwargs: dict[str, Any] | None = None) -> torch.Tensor:  # type: ignore[override]
         if generate_kwargs is not None:

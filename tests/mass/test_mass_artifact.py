@@ -139,6 +139,36 @@ def test_routing_uses_hooked_block_input(tiny_mass) -> None:
     assert torch.equal(model.bases[0], factors.vh)
 
 
+def test_content_token_rule_skips_special_tokens(tiny_mass) -> None:
+    model = MassModel.from_pretrained(tiny_mass.artifact, device="cpu", router_layer=1, token_rule="content")
+    batch = model.adapter.prepare(TEXTS)
+    recorded = {}
+    handle = model.adapter.model.encoder.layer[1].intermediate.dense.register_forward_pre_hook(
+        lambda module, args: recorded.setdefault("x", args[0])
+    )
+    with torch.inference_mode():
+        model.adapter(batch)
+    handle.remove()
+    ids = batch.inputs["input_ids"]
+    tokenizer = model.adapter.tokenizer
+    markers = torch.tensor([tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.pad_token_id])
+    content = (batch.inputs["attention_mask"].bool() & ~torch.isin(ids, markers)).unsqueeze(-1).float()
+    assert bool((content.sum(dim=1) < batch.token_mask.sum(dim=1, keepdim=True)).all())  # [CLS] and [SEP] dropped
+    expected = (recorded["x"] * content).sum(dim=1) / content.sum(dim=1)
+    features, _ = model.router_features(batch)
+    torch.testing.assert_close(features, expected)
+
+
+def test_stored_token_rule_is_applied(tiny_mass, tmp_path: Path) -> None:
+    artifact = tmp_path / "cls"
+    options = MassBuildOptions(device="cpu", router_layer=2, token_rule="cls")
+    build_mass_artifact(tiny_mass.base, tiny_mass.models, artifact, heads=tiny_mass.heads, options=options)
+    model = MassModel.from_pretrained(artifact, device="cpu")
+    assert model.adapter.token_rule == "cls"
+    with pytest.raises(RecipeError, match="token rule 'first'"):
+        MassModel.from_pretrained(artifact, device="cpu", token_rule="first")
+
+
 def test_pass_one_stops_at_router_block(tiny_mass) -> None:
     model = MassModel.from_pretrained(tiny_mass.artifact, device="cpu")
     calls = []

@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from mergekit_ext.errors import RecipeError
 from mergekit_ext.mass.build import MassBuildOptions, build_mass_artifact
 from mergekit_ext.mass.runtime import MassModel
 from tests.mass.mass_tiny_models import perturb_checkpoint
@@ -73,6 +74,14 @@ def test_hf_clip_vision_routes_at_block(tmp_path: Path) -> None:
     reused_output = reused.run(PIXELS)
     assert set(reused_output.task_sets) == {(0, 1, 2)}
     torch.testing.assert_close(reused_output.features, model.shared_features(PIXELS), atol=1e-5, rtol=1e-4)
+
+    # Images have no special tokens to skip: the content rule is rejected, at build and at load.
+    with pytest.raises(RecipeError, match="needs a text model"):
+        options = MassBuildOptions(device="cpu", token_rule="content")
+        build_mass_artifact(base, [base, base], tmp_path / "content", task_names=["a", "b"], options=options)
+    assert not (tmp_path / "content").exists()
+    with pytest.raises(RecipeError, match="needs a text model"):
+        MassModel.from_pretrained(artifact, device="cpu", token_rule="content")
 
 
 def _write_open_clip(folder: Path) -> Path:
