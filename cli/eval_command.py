@@ -43,6 +43,15 @@ console = Console()
     is_flag=True,
     help="MASS artifacts: pick one task set per batch from the mean routing weights, not one per text.",
 )
+@click.option("--mode", type=click.Choice(["topk", "top1"]), default=None, help="MASS artifacts: task selection rule [default: the artifact's].")
+@click.option("--router-layer", type=int, default=None, help="MASS artifacts: block whose first MLP linear input routes [default: the artifact's].")
+@click.option("--router-rank", type=int, default=None, help="MASS artifacts: route on each task's top N singular vectors [default: the artifact's].")
+@click.option(
+    "--token-rule",
+    type=click.Choice(["cls", "mean", "content"]),
+    default=None,
+    help="MASS artifacts: router token rule [default: the artifact's].",
+)
 @click.option("--batch-size", default=EVAL_BATCH_SIZE, show_default=True, type=int, help="Texts per forward pass.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Also write the result as JSON.")
 @click.pass_obj
@@ -56,6 +65,10 @@ def eval_command(
     unknown_task: bool,
     oracle_head: bool,
     batch_routing: bool,
+    mode: str | None,
+    router_layer: int | None,
+    router_rank: int | None,
+    token_rule: str | None,
     batch_size: int,
     json_path: Path | None,
 ) -> None:
@@ -73,10 +86,14 @@ def eval_command(
     if (model / CONFIG_NAME).is_file():
         from mergekit_ext.cli.mass_command import evaluate_mass_artifact
 
+        router = {"mode": mode, "router_layer": router_layer, "router_rank": router_rank, "token_rule": token_rule}
         evaluate_mass_artifact(
-            model, folder, names, oracle_head, batch_routing, str(resolve_device(options.device)), batch_size, json_path
+            model, folder, names, oracle_head, batch_routing, str(resolve_device(options.device)), batch_size, json_path, router
         )
         return
+    given = [f"--{name.replace('_', '-')}" for name, value in (("mode", mode), ("router_layer", router_layer), ("router_rank", router_rank), ("token_rule", token_rule)) if value is not None]
+    if given:
+        raise click.UsageError(f"{model} is not a MASS artifact (no mass_config.json), so {', '.join(given)} cannot be used")
     with stage_progress() as progress:
         result = evaluate_text_zoo(
             model,

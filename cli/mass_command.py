@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -85,8 +86,12 @@ def evaluate_mass_artifact(
     device: str,
     batch_size: int,
     json_path: Path | None,
+    router: dict[str, Any] | None = None,
 ) -> None:
-    """Evaluate a MASS artifact on a text zoo and print accuracy and routing accuracy (used by `merge eval`)."""
+    """Evaluate a MASS artifact on a text zoo and print accuracy and routing accuracy (used by `merge eval`).
+
+    `router` overrides the artifact's router settings (mode, router_layer, router_rank, token_rule).
+    """
     import json
 
     from rich.console import Console
@@ -98,12 +103,16 @@ def evaluate_mass_artifact(
     with stage_progress() as progress:
         result = evaluate_mass_text_zoo(
             artifact, zoo_dir, oracle_head=oracle_head, batch_routing=batch_routing, device=device,
-            batch_size=batch_size, tasks=tasks or None, progress=RichStageProgress(progress),
+            batch_size=batch_size, tasks=tasks or None, progress=RichStageProgress(progress), **(router or {}),
         )  # fmt: skip
 
     mode = "oracle head" if oracle_head else "task unknown"
     routing = "per batch" if batch_routing else "per text"
-    table = Table(title=f"MASS {artifact} on {zoo_dir} ({mode}, routing {routing})")
+    settings = result.settings
+    router = f"block {settings['router_layer']}, {settings['token_rule']} tokens, {settings['mode']}"
+    if settings["router_rank"] is not None:
+        router += f", router rank {settings['router_rank']}"
+    table = Table(title=f"MASS {artifact} on {zoo_dir} ({mode}, routing {routing}: {router})")
     table.add_column("task")
     for column in ("test", "accuracy", "fine-tuned", "normalized", "routed top-1"):
         table.add_column(column, justify="right")

@@ -21,6 +21,7 @@ import torch
 
 from mergekit_ext.errors import RecipeError
 from mergekit_ext.mass.router import RoutingDecision, RoutingMode, residual_norms, routing_weights, select_tasks
+from mergekit_ext.mass.config import TokenRule
 from mergekit_ext.mass.runtime import MassModel
 from mergekit_ext.mass.task_store import TaskSet
 from mergekit_ext.zoo.evaluate import EVAL_BATCH_SIZE, EvalResult, TaskAccuracy, read_manifest, read_split, score_batch, sorted_test_split
@@ -124,6 +125,8 @@ def evaluate_mass_text_zoo(
     mode: str | None = None,
     reuse_prefix: bool | None = None,
     router_layer: int | None = None,
+    router_rank: int | None = None,
+    token_rule: TokenRule | None = None,
     device: str = "cpu",
     batch_size: int = EVAL_BATCH_SIZE,
     tasks: Sequence[str] | None = None,
@@ -135,7 +138,8 @@ def evaluate_mass_text_zoo(
     if model is None:
         model = MassModel.from_pretrained(
             artifact, device=device, mode=mode, reuse_prefix=reuse_prefix, router_layer=router_layer,
-            routing="batch" if batch_routing else "sample", cache_capacity=cache_capacity,
+            router_rank=router_rank, token_rule=token_rule, routing="batch" if batch_routing else "sample",
+            cache_capacity=cache_capacity,
         )  # fmt: skip
     variant = MassVariant(label="MASS", mode=model.settings.mode, reuse_prefix=model.reuse_prefix, oracle_head=oracle_head)
     results = evaluate_mass_variants(model, zoo_dir, [variant], model_name=str(artifact), tasks=tasks, batch_size=batch_size, progress=progress)
@@ -223,6 +227,8 @@ def evaluate_mass_variants(
             "mode": variant.mode,
             "reuse_prefix": variant.reuse_prefix,
             "router_layer": model.router_layer,
+            "router_rank": model.router_rank,
+            "token_rule": model.adapter.token_rule,
             "threshold": model.settings.threshold,
             "top_k": model.settings.top_k,
             "temperature": model.settings.temperature,

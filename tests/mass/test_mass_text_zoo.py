@@ -40,6 +40,16 @@ def test_mass_on_small_text_zoo(small_text_zoo, tmp_path: Path) -> None:
     assert result["routing"]["top1_accuracy"] >= ROUTING_FLOOR
     assert result["accuracy"]["average_normalized_accuracy"] >= NORMALIZED_FLOOR
 
+    overrides = ["--router-rank", "2", "--token-rule", "content", "--mode", "top1", "--json", str(tmp_path / "top1.json")]
+    evaluated = CliRunner().invoke(cli, ["--device", "cpu", "eval", str(artifact), "--zoo-dir", str(zoo_dir), *overrides])
+    assert evaluated.exit_code == 0, evaluated.output
+    settings = json.loads((tmp_path / "top1.json").read_text())["settings"]
+    assert (settings["router_rank"], settings["token_rule"], settings["mode"]) == (2, "content", "top1")
+    model_dir = zoo_dir / manifest["tasks"][tasks[0]]["model"]
+    rejected = CliRunner().invoke(cli, ["eval", str(model_dir), "--zoo-dir", str(zoo_dir), "--router-rank", "2"])
+    assert rejected.exit_code != 0
+    assert "is not a MASS artifact" in rejected.output
+
     oracle = evaluate_mass_text_zoo(artifact, zoo_dir, oracle_head=True, device="cpu")
     assert oracle.accuracy.unknown_task is False
     assert oracle.accuracy.average_accuracy >= result["accuracy"]["average_accuracy"] - 1e-9
