@@ -11,8 +11,11 @@ from mergekit_ext.errors import IncompatibleModelsError, RecipeError
 from mergekit_ext.methods import METHODS, TensorMergeInput, get_method
 from mergekit_ext.methods.consensus import agreement_mask, elected_sign
 from mergekit_ext.methods.iso import iso_cts_ranks
+import mergekit_ext.methods.sparsify as sparsify
 from mergekit_ext.methods.sparsify import (
+    SAMPLED_SELECTION_MIN,
     bernoulli_mask,
+    kth_largest,
     l1_rescale_factor,
     magnitude_mask,
     tensor_generator,
@@ -307,6 +310,47 @@ def test_magnitude_mask_matches_stable_sort() -> None:
         expected = torch.zeros(delta.numel(), dtype=torch.bool)
         expected[order[:keep_count]] = True
         assert torch.equal(magnitude_mask(delta, density), expected), trial
+
+
+def stable_sort_mask(delta: torch.Tensor, density: float) -> torch.Tensor:
+    keep_count = max(1, int(density * delta.numel()))
+    order = torch.argsort(delta.abs(), descending=True, stable=True)
+    expected = torch.zeros(delta.numel(), dtype=torch.bool)
+    expected[order[:keep_count]] = True
+    return expected
+
+
+@pytest.mark.parametrize("density", [1e-6, 0.2, 0.5, 0.97])
+def test_magnitude_mask_large_tensor_with_ties(density: float) -> None:
+    # Above SAMPLED_SELECTION_MIN entries the threshold comes from a sampled bracket.
+    # Integer values make ties at the cut almost certain.
+    generator = torch.Generator().manual_seed(21)
+    delta = torch.randint(-60, 61, (SAMPLED_SELECTION_MIN + 4097,), generator=generator).float()
+    assert torch.equal(magnitude_mask(delta, density), stable_sort_mask(delta, density))
+
+
+def test_kth_largest_counts_and_fallback(monkeypatch: pytest.MonkeyPatch) -> None:
+    generator = torch.Generator().manual_seed(22)
+    flat = torch.randn(SAMPLED_SELECTION_MIN * 2, generator=generator).abs()
+    flat[:1000] = 0.5  # a tied block
+    fallbacks = []
+    counted = sparsify._counted
+
+    def record(values: torch.Tensor, value: torch.Tensor) -> sparsify.Selection:
+        fallbacks.append(float(value))
+        return counted(values, value)
+
+    monkeypatch.setattr(sparsify, "_counted", record)
+    for sigmas in (sparsify.SELECTION_BRACKET_SIGMAS, 0.0):
+        # A zero-width bracket misses often, which exercises the full-selection fallback.
+        monkeypatch.setattr(sparsify, "SELECTION_BRACKET_SIGMAS", sigmas)
+        for count in (1, 7, flat.numel() // 3, flat.numel() - 5, flat.numel()):
+            selection = kth_largest(flat, count)
+            expected = torch.kthvalue(flat, flat.numel() - count + 1).values
+            assert float(selection.value) == float(expected), (sigmas, count)
+            assert selection.above == int((flat > expected).sum()), (sigmas, count)
+            assert selection.at_or_above == int((flat >= expected).sum()), (sigmas, count)
+    assert fallbacks, "no count took the fallback path"
 
 
 def test_l1_rescale_factor() -> None:
