@@ -9,7 +9,7 @@ Compares, on the same candidates and problems:
 - population: base weights and task vectors resident, many candidates per batch.
 
 Usage:
-  python scripts/bench_evo.py --zoo ~/.cache/mergekit-ext/zoo/reasoning-1 \
+  python scripts/bench_evo.py --zoo ~/.cache/mergekit-ext/zoo/reasoning-3 \
       --candidates 10 --problems 50 --max-new-tokens 128 --threads 1 [--device cuda]
 """
 

@@ -12,7 +12,7 @@ is reported on its own line, since a search pays it once. The objectives of
 every Ray run are checked against the in-process ones.
 
 Usage:
-  python scripts/bench_evo_ray.py --zoo ~/.cache/mergekit-ext/zoo/reasoning-small-2 \
+  python scripts/bench_evo_ray.py --zoo ~/.cache/mergekit-ext/zoo/reasoning-small-3 \
       --candidates 8 --problems 8 --max-new-tokens 64 --actors 1 2
 """
 

@@ -7,9 +7,22 @@ makes the order matter, so the answer cannot come from a sum-like average of the
 digits and a shallow model has to compose the steps.
 
 The long solution rewrites the chain one step per line, replacing the first
-operation by its result (`3+4*2+5`, `7*2+5`, `4+5`, `9`) before `\\boxed{9}`;
-the short solution is the boxed result alone. Both follow the Evo-L2S
-evaluation prompt.
+remaining operation by its result, with every line right-aligned to the same
+width and the used positions filled with a placeholder (`.`):
+
+    ..........7*5+9      3+4 = 7
+    ............5+9      7*5 = 35, last digit 5
+    ..............4      5+9 = 14, last digit 4
+    \\boxed{4}
+
+The constant width makes every line a copy of the line above at a fixed token
+offset, except for the three positions of the operation. The first line is the
+same kind of copy of the question, which ends at a fixed offset before the
+answer because the prompt text after it is fixed. The 4-layer zoo model learns
+this format in 600 fine-tuning steps. A format whose lines shrink (`3+4*5+9`,
+`7*5+9`, `5+9`, `4`) needs a copy at an offset that changes on every line, and
+the zoo's long model did not learn it in a similar budget. The short solution is the boxed result
+alone. Both follow the Evo-L2S evaluation prompt.
 """
 
 from __future__ import annotations
@@ -28,7 +41,11 @@ MIN_OPERANDS = 3
 MAX_OPERANDS = 8
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
-# 256 byte tokens, 2 special tokens and up to 62 merges (prompt words, "\\boxed", "}\n").
+# Fills the used positions of a long-solution line. It must stay one token per character.
+PLACEHOLDER = "."
+# Width of every long-solution line: the longest question (MAX_OPERANDS digits and their operators).
+LINE_WIDTH = 2 * MAX_OPERANDS - 1
+# 256 byte tokens, 2 special tokens and up to 62 merges (words of the prompt, "\\boxed").
 TOKENIZER_VOCAB_SIZE = 320
 # Pre-tokenizer pattern of transformers' Qwen2Tokenizer (transformers 5.x).
 QWEN2_PRETOKENIZE_PATTERN = (
@@ -38,7 +55,7 @@ QWEN2_PRETOKENIZE_PATTERN = (
 
 @dataclass(frozen=True)
 class ReasoningProblem:
-    """One sum problem in the field layout of the Qwen2.5-Math JSONL files."""
+    """One chain problem in the field layout of the Qwen2.5-Math JSONL files."""
 
     idx: int
     question: str
@@ -74,14 +91,18 @@ def make_problem(index: int, question: str) -> ReasoningProblem:
 
 
 def long_solution(question: str) -> str:
-    """Return the step-by-step solution: the chain rewritten after each operation, then the boxed result."""
-    lines = [question]
+    """Return the step-by-step solution: one right-aligned line per operation, then the boxed result.
+
+    Line s (from 1) is the question with its first s operations replaced by
+    placeholders and their result, padded on the left to `LINE_WIDTH`.
+    """
     operands, operators = parse_chain(question)
     value = operands[0]
-    for step, (operator, operand) in enumerate(zip(operators, operands[1:])):
+    lines = []
+    for step, (operator, operand) in enumerate(zip(operators, operands[1:]), start=1):
         value = evaluate_step(value, operator, operand)
-        rest = "".join(f"{o}{d}" for o, d in zip(operators[step + 1 :], operands[step + 2 :]))
-        lines.append(f"{value}{rest}")
+        line = PLACEHOLDER * (2 * step) + str(value) + question[2 * step + 1 :]
+        lines.append(line.rjust(LINE_WIDTH, PLACEHOLDER))
     return " " + "\n".join(lines) + f"\n\\boxed{{{value}}}"
 
 
@@ -160,10 +181,15 @@ def build_tokenizer(corpus: list[str], vocab_size: int = TOKENIZER_VOCAB_SIZE) -
 
 
 def tokenizer_corpus(problems: list[ReasoningProblem]) -> list[str]:
-    """Return the texts the tokenizer is trained on: every prompt with both solutions."""
+    """Return the texts the tokenizer is trained on: every prompt with both solutions.
+
+    The placeholders are left out of the long solutions, so BPE learns no merge of
+    placeholder runs and every line keeps one token per character (the fixed copy
+    offset of the long format depends on it).
+    """
     texts = []
     for problem in problems:
         prompt = PROMPT_TEMPLATE.format(question=problem.question)
-        texts.append(prompt + long_solution(problem.question))
+        texts.append(prompt + long_solution(problem.question).replace(PLACEHOLDER, ""))
         texts.append(prompt + short_solution(problem.question))
     return texts

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from mergekit_ext.zoo.reasoning import build_reasoning_zoo
-from mergekit_ext.zoo.reasoning_data import PROMPT_TEMPLATE, long_solution, short_solution
+from mergekit_ext.zoo.reasoning_data import LINE_WIDTH, PROMPT_TEMPLATE, long_solution, short_solution
 
 
 @pytest.fixture(scope="module")
@@ -31,11 +31,23 @@ def test_zoo_folders_load_with_transformers(small_zoo):
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     assert tokenizer.unk_token_id not in ids
     assert tokenizer.decode(ids) == text
+    # The long format relies on a fixed copy offset: one token per character of every line.
+    solution = long_solution("3+4*5+9*1*2+3*4")
+    solution_ids = tokenizer(solution, add_special_tokens=False)["input_ids"]
+    lines_text = solution[: solution.index("\\boxed")]
+    assert [tokenizer.decode([i]) for i in solution_ids[: len(lines_text)]] == list(lines_text)
 
 
 def test_solutions_end_with_boxed_result():
     # Left to right, last digit kept: 3+4 = 7, 7*5 = 35 -> 5, 5+9 = 14 -> 4.
-    assert long_solution("3+4*5+9") == " 3+4*5+9\n7*5+9\n5+9\n4\n\\boxed{4}"
+    assert long_solution("3+4*5+9") == (
+        " ..........7*5+9\n............5+9\n..............4\n\\boxed{4}"
+    )
+    # 8 operands fill the whole width; every line has LINE_WIDTH characters.
+    lines = long_solution("3+4*5+9*1*2+3*4").lstrip().split("\n")
+    assert lines[0] == "..7*5+9*1*2+3*4"
+    assert lines[-2:] == ["..............4", "\\boxed{4}"]  # results 7, 5, 4, 4, 8, 1, 4
+    assert {len(line) for line in lines[:-1]} == {LINE_WIDTH}
     assert short_solution("3+4*5+9") == " \\boxed{4}"
 
 
