@@ -19,6 +19,7 @@ from mergekit_ext.mass.runtime import MassModel, MassOutput, _select_head
 from mergekit_ext.mass.task_store import MergedModelCache
 from mergekit_ext.methods import get_method
 from mergekit_ext.methods.base import TensorMergeInput
+from mergekit_ext.models.adapters import ModelBatch
 from mergekit_ext.models.router_site import find_router_site
 
 TEXTS = ["alpha beta", "river stone cloud", "quick brown fox green", "seven", "gamma delta river fox"]
@@ -120,10 +121,8 @@ def test_run_groups_samples_by_task_set(tiny_mass) -> None:
     assert model.cache.misses == len(set(output.task_sets))
 
 
-def test_routing_uses_hooked_block_input(tiny_mass) -> None:
-    model = MassModel.from_pretrained(tiny_mass.artifact, device="cpu", router_layer=1)
-    assert model.router_site == "encoder.layer.1.intermediate.dense"
-    batch = model.adapter.prepare(TEXTS)
+def block_one_mlp_input(model: MassModel, batch: ModelBatch) -> torch.Tensor:
+    """Run the shared model and return the input of block 1's first MLP linear, read by a hook."""
     recorded = {}
     handle = model.adapter.model.encoder.layer[1].intermediate.dense.register_forward_pre_hook(
         lambda module, args: recorded.setdefault("x", args[0])
@@ -131,8 +130,16 @@ def test_routing_uses_hooked_block_input(tiny_mass) -> None:
     with torch.inference_mode():
         model.adapter(batch)
     handle.remove()
+    return recorded["x"]
+
+
+def test_routing_uses_hooked_block_input(tiny_mass) -> None:
+    model = MassModel.from_pretrained(tiny_mass.artifact, device="cpu", router_layer=1)
+    assert model.router_site == "encoder.layer.1.intermediate.dense"
+    batch = model.adapter.prepare(TEXTS)
+    hooked = block_one_mlp_input(model, batch)
     mask = batch.token_mask.unsqueeze(-1).float()
-    expected = (recorded["x"] * mask).sum(dim=1) / mask.sum(dim=1)
+    expected = (hooked * mask).sum(dim=1) / mask.sum(dim=1)
     features, _ = model.router_features(batch)
     torch.testing.assert_close(features, expected)
     factors = model.store.tasks[0].low_rank["encoder.layer.1.intermediate.dense.weight"]
@@ -142,19 +149,13 @@ def test_routing_uses_hooked_block_input(tiny_mass) -> None:
 def test_content_token_rule_skips_special_tokens(tiny_mass) -> None:
     model = MassModel.from_pretrained(tiny_mass.artifact, device="cpu", router_layer=1, token_rule="content")
     batch = model.adapter.prepare(TEXTS)
-    recorded = {}
-    handle = model.adapter.model.encoder.layer[1].intermediate.dense.register_forward_pre_hook(
-        lambda module, args: recorded.setdefault("x", args[0])
-    )
-    with torch.inference_mode():
-        model.adapter(batch)
-    handle.remove()
+    hooked = block_one_mlp_input(model, batch)
     ids = batch.inputs["input_ids"]
     tokenizer = model.adapter.tokenizer
     markers = torch.tensor([tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.pad_token_id])
     content = (batch.inputs["attention_mask"].bool() & ~torch.isin(ids, markers)).unsqueeze(-1).float()
     assert bool((content.sum(dim=1) < batch.token_mask.sum(dim=1, keepdim=True)).all())  # [CLS] and [SEP] dropped
-    expected = (recorded["x"] * content).sum(dim=1) / content.sum(dim=1)
+    expected = (hooked * content).sum(dim=1) / content.sum(dim=1)
     features, _ = model.router_features(batch)
     torch.testing.assert_close(features, expected)
 
