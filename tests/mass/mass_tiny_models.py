@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -77,16 +78,24 @@ def write_heads(folder: Path, num_tasks: int, dim: int, classes: int = 3, seed: 
     return paths
 
 
-def write_tiny_llama(folder: Path, seed: int = 0) -> Path:
-    """Write a random 2-block Llama causal LM (hidden 32) with a word-level tokenizer to `folder`."""
+def word_level_tokenizer() -> Any:
+    """Return a whitespace word-level tokenizer over WORDS, with pad 0, eos 1 and unk 2."""
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
-    torch.manual_seed(seed)
     vocabulary = {token: index for index, token in enumerate(["<pad>", "<eos>", "<unk>", *WORDS])}
     tokenizer = Tokenizer(models.WordLevel(vocab=vocabulary, unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    wrapped = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<eos>", pad_token="<pad>", unk_token="<unk>")
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<eos>", pad_token="<pad>", unk_token="<unk>")
+
+
+def write_tiny_llama(folder: Path, seed: int = 0) -> Path:
+    """Write a random 2-block Llama causal LM (hidden 32) with a word-level tokenizer to `folder`."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    wrapped = word_level_tokenizer()
+    vocabulary = wrapped.get_vocab()
     config = LlamaConfig(
         vocab_size=len(vocabulary), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,

@@ -10,21 +10,18 @@ from safetensors.torch import load_file
 from mergekit_ext.mass.build import MassBuildOptions, build_mass_artifact
 from mergekit_ext.mass.router import residual_norms
 from mergekit_ext.mass.runtime import MassModel
-from tests.mass.mass_tiny_models import WORDS, perturb_checkpoint
+from tests.mass.mass_tiny_models import perturb_checkpoint, word_level_tokenizer
 
 HIDDEN = 32
 
 
 def write_tiny_gpt2(folder: Path, seed: int = 0) -> Path:
     """Write a random 2-block GPT-2 (hidden 32) with a word-level tokenizer to `folder`."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+    from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
-    vocabulary = {token: index for index, token in enumerate(["<pad>", "<eos>", "<unk>", *WORDS])}
-    tokenizer = Tokenizer(models.WordLevel(vocab=vocabulary, unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    wrapped = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<eos>", pad_token="<pad>", unk_token="<unk>")
+    wrapped = word_level_tokenizer()
+    vocabulary = wrapped.get_vocab()
     config = GPT2Config(
         vocab_size=len(vocabulary), n_embd=HIDDEN, n_layer=2, n_head=4, n_positions=64,
         eos_token_id=1, pad_token_id=0, bos_token_id=1, tie_word_embeddings=False,
