@@ -83,17 +83,17 @@ def eval_command(
 
     folder = zoo_dir if zoo_dir is not None else default_zoo_dir(small)
     names = [name for value in tasks for name in value.split(",") if name]
+    router = {"mode": mode, "router_layer": router_layer, "router_rank": router_rank, "token_rule": token_rule}
     if (model / CONFIG_NAME).is_file():
         from mergekit_ext.cli.mass_command import evaluate_mass_artifact
 
-        router = {"mode": mode, "router_layer": router_layer, "router_rank": router_rank, "token_rule": token_rule}
         evaluate_mass_artifact(
             model, folder, names, oracle_head, batch_routing, str(resolve_device(options.device)), batch_size, json_path, router
         )
         return
-    given = [f"--{name.replace('_', '-')}" for name, value in (("mode", mode), ("router_layer", router_layer), ("router_rank", router_rank), ("token_rule", token_rule)) if value is not None]
-    if given:
-        raise click.UsageError(f"{model} is not a MASS artifact (no mass_config.json), so {', '.join(given)} cannot be used")
+    router_options = [f"--{name.replace('_', '-')}" for name, value in router.items() if value is not None]
+    if router_options:
+        raise click.UsageError(f"{model} is not a MASS artifact (no mass_config.json), so {', '.join(router_options)} cannot be used")
     with stage_progress() as progress:
         result = evaluate_text_zoo(
             model,

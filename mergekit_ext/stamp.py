@@ -2,9 +2,9 @@
 
 A stamp records what an output folder was built from: the settings, the SHA-256 of
 every input file, the SHA-256 of this package's source files, and the size of every
-file the build wrote. The output is current when all of these still match; any edit to
-an input, a setting or the merge code, or a missing or resized output file, means a
-rebuild. Digests come from the digest cache (`mergekit_ext.checkpoint.hashing`), so
+file the build wrote. The output is current while all of these still match. An edit
+to an input, a setting or the merge code, or a missing or resized output file, means
+a rebuild. Digests come from the digest cache (`mergekit_ext.checkpoint.hashing`), so
 checking a stamp does not read unchanged files again.
 """
 

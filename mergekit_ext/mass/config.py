@@ -29,7 +29,7 @@ HEADS_FOLDER = "mass/heads"
 
 ModelKind = Literal["hf-encoder", "hf-clip-vision", "open-clip", "causal-lm"]
 # cls: the first token. mean: the mean over non-padding tokens. content: the mean over
-# tokens that are neither padding nor special tokens ([CLS], [SEP], BOS).
+# tokens that are neither padding nor marker tokens ([CLS], [SEP], BOS, EOS).
 TokenRule = Literal["cls", "mean", "content"]
 TOKEN_RULES: tuple[TokenRule, ...] = ("cls", "mean", "content")
 TEXT_KINDS: tuple[str, ...] = ("hf-encoder", "causal-lm")

@@ -33,9 +33,9 @@ OPEN_CLIP_WEIGHTS = ("open_clip_model.safetensors", "model.safetensors")
 class ModelBatch:
     """Model keyword inputs for one batch, and the token masks the router's token rules average over.
 
-    `token_mask` marks non-padding tokens (the `mean` rule); `content_mask` marks the
-    tokens that are neither padding nor special tokens such as [CLS] and [SEP] (the
-    `content` rule).
+    `token_mask` marks non-padding tokens, for the `mean` rule. `content_mask` marks
+    the tokens that are neither padding nor markers such as [CLS] and [SEP], for the
+    `content` rule.
     """
 
     inputs: dict[str, torch.Tensor]

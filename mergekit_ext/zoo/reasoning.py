@@ -49,8 +49,8 @@ logger = logging.getLogger(__name__)
 
 ZOO_NAME = "reasoning"
 ZOO_VERSION = "3"
-# Cap for the build-time measurement. The longest step-by-step solution (8 operands) has 118 tokens
-# with eos, and configs/evo_reasoning*.yaml use the same cap.
+# Maximum new tokens of the build-time measurement. The longest step-by-step solution (8 operands)
+# has 118 tokens with eos, and configs/evo_reasoning*.yaml use the same maximum.
 MEASURE_MAX_NEW_TOKENS = 128
 
 # progress(stage, done, total)

@@ -69,6 +69,8 @@ def test_mass_on_small_text_zoo(small_text_zoo, tmp_path: Path) -> None:
     assert shared["topk"].accuracy.average_accuracy == result["accuracy"]["average_accuracy"]
 
     latency = measure_latency(model, [["a noun gloss", "bonjour", "a quote about computers"]], repeats=1, with_reuse_prefix=True)
-    assert latency.single_pass_seconds > 0 and latency.mass_seconds > 0
-    assert latency.reuse_prefix_ratio is not None and latency.reuse_prefix_ratio > 0
+    assert latency.single_pass_seconds > 0
+    assert latency.mass_seconds > 0
+    assert latency.reuse_prefix_ratio is not None
+    assert latency.reuse_prefix_ratio > 0
     assert model.reuse_prefix is False  # restored after timing
