@@ -52,14 +52,18 @@ class MergeMethod(Protocol):
     how it treats the base model. `elementwise` is true when each output entry
     depends only on the same entry of the inputs (and the parameters), so the engine
     may merge a large tensor in row blocks with the same result.
+    `stored_dtype_inputs` is true when `merge` accepts floating inputs in their stored
+    dtype (bf16, say) and converts them to float32 block by block itself. The engine
+    then passes them as read instead of making a float32 copy of each whole input.
     """
 
     name: str
     requires_base: bool
     elementwise: bool
+    stored_dtype_inputs: bool
     parameters: tuple[ParameterSpec, ...]
     description: str
 
     def merge(self, inputs: TensorMergeInput) -> torch.Tensor:
-        """Merge one tensor; inputs and result are float32."""
+        """Merge one tensor; the result and the inputs are float32 (see `stored_dtype_inputs`)."""
         ...

@@ -64,6 +64,7 @@ class DareMethod:
     description: str
     requires_base: bool = True
     elementwise: bool = False
+    stored_dtype_inputs: bool = False
     parameters: tuple[ParameterSpec, ...] = _DARE_PARAMETERS
 
     def merge(self, inputs: TensorMergeInput) -> torch.Tensor:

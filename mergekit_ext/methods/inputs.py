@@ -10,12 +10,17 @@ from mergekit_ext.methods.base import TensorMergeInput
 
 def require_base(method_name: str, inputs: TensorMergeInput) -> torch.Tensor:
     """Return the base tensor in float32, or raise `RecipeError` when it is missing."""
+    return stored_base(method_name, inputs).float()
+
+
+def stored_base(method_name: str, inputs: TensorMergeInput) -> torch.Tensor:
+    """Return the base tensor as given, or raise `RecipeError` when it is missing."""
     if inputs.base is None:
         raise RecipeError(
             f"merge method {method_name!r} needs a base model (tensor {inputs.name}). "
             f"Set base_model in the recipe"
         )
-    return inputs.base.float()
+    return inputs.base
 
 
 def check_shapes(inputs: TensorMergeInput, include_base: bool = True) -> None:

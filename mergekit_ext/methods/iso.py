@@ -101,6 +101,7 @@ class IsoCMethod:
     name: str = "iso_c"
     requires_base: bool = True
     elementwise: bool = False
+    stored_dtype_inputs: bool = False
     parameters: tuple[ParameterSpec, ...] = (ALPHA,)
     description: str = (
         "Iso-C: for 2-D tensors, base + alpha * U (mean sigma) V^T of the summed task "
@@ -127,6 +128,7 @@ class IsoCtsMethod:
     name: str = "iso_cts"
     requires_base: bool = True
     elementwise: bool = False
+    stored_dtype_inputs: bool = False
     parameters: tuple[ParameterSpec, ...] = (ALPHA, COMMON_SPACE_FRACTION)
     description: str = (
         "Iso-CTS: for 2-D tensors, a common subspace of the summed task vectors plus "

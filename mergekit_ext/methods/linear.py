@@ -36,6 +36,7 @@ class LinearMethod:
     name: str = "linear"
     requires_base: bool = False
     elementwise: bool = True
+    stored_dtype_inputs: bool = False
     parameters: tuple[ParameterSpec, ...] = (WEIGHT, normalize_spec(True))
     description: str = (
         "Weighted average sum(w_i x_i) / sum(w_i) of the listed models; the base "

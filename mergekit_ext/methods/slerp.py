@@ -54,6 +54,7 @@ class SlerpMethod:
     name: str = "slerp"
     requires_base: bool = True
     elementwise: bool = False
+    stored_dtype_inputs: bool = False
     parameters: tuple[ParameterSpec, ...] = (
         ParameterSpec(
             "t",

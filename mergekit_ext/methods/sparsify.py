@@ -5,12 +5,17 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
+from torch.nn import functional
 
 # Norms below this are treated as zero, so the rescale is skipped (mergekit 0.1.5 uses
 # the same threshold).
 RESCALE_EPSILON = 1e-7
+# Block size of the selection and merge passes: 1 MiB of float32 per temporary, so the
+# temporaries of a block stay in the CPU caches.
+BLOCK_ELEMENTS = 1 << 18
 
 
 def magnitude_mask(delta: torch.Tensor, density: float) -> torch.Tensor | None:
@@ -26,27 +31,148 @@ def magnitude_mask(delta: torch.Tensor, density: float) -> torch.Tensor | None:
 
 def top_magnitude_mask(magnitudes: torch.Tensor, density: float) -> torch.Tensor | None:
     """Mask all but the largest entries, as `magnitude_mask` does, given |delta| (no NaN)."""
+    cut = magnitude_cut(StoredMagnitudes(magnitudes.reshape(-1)), density)
+    if cut is None:
+        return None
+    return cut.mask(magnitudes.reshape(-1)).reshape(magnitudes.shape)
+
+
+class Magnitudes(Protocol):
+    """Non-negative entries of a flat tensor, readable whole, by index or block by block."""
+
+    def numel(self) -> int:
+        """Number of entries."""
+        ...
+
+    def at(self, indices: torch.Tensor) -> torch.Tensor:
+        """The entries at `indices`, in float32."""
+        ...
+
+    def block(self, part: slice) -> torch.Tensor:
+        """The entries of one contiguous block, in float32."""
+        ...
+
+
+@dataclass(frozen=True)
+class StoredMagnitudes:
+    """Magnitudes already held in a flat tensor."""
+
+    values: torch.Tensor
+
+    def numel(self) -> int:
+        """Number of entries."""
+        return self.values.numel()
+
+    def at(self, indices: torch.Tensor) -> torch.Tensor:
+        """The entries at `indices`."""
+        return self.values[indices]
+
+    def block(self, part: slice) -> torch.Tensor:
+        """A view of one contiguous block."""
+        return self.values[part]
+
+
+@dataclass(frozen=True)
+class TaskVectorMagnitudes:
+    """|model - base| of two flat tensors, computed in float32 only where it is read.
+
+    The inputs stay in their stored dtype (bf16, say), so a float32 copy as large as
+    the tensor is never made: selection and merge read it block by block.
+    """
+
+    model: torch.Tensor
+    base: torch.Tensor
+
+    def numel(self) -> int:
+        """Number of entries."""
+        return self.base.numel()
+
+    def at(self, indices: torch.Tensor) -> torch.Tensor:
+        """|model - base| at `indices`."""
+        return torch.sub(self.model[indices].float(), self.base[indices].float()).abs_()
+
+    def block(self, part: slice) -> torch.Tensor:
+        """|model - base| over one contiguous block."""
+        return torch.sub(self.model[part].float(), self.base[part].float()).abs_()
+
+
+def block_slices(total: int, block_elements: int = BLOCK_ELEMENTS) -> list[slice]:
+    """Split range(total) into contiguous slices of at most `block_elements` entries."""
+    return [slice(start, min(start + block_elements, total)) for start in range(0, total, block_elements)]
+
+
+@dataclass(frozen=True)
+class MagnitudeCut:
+    """The entries a top-k magnitude mask keeps: those above `value`, and ties before `tie_end`.
+
+    Entries equal to `value` are kept only at flat indices below `tie_end`, so the
+    tied entries kept are the first ones in flat order. `above` counts the entries
+    above `value`. The cut applies to any block on its own, in any order.
+    """
+
+    value: torch.Tensor
+    above: int
+    tie_end: int
+
+    def mask(self, magnitudes: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """Mask of the kept entries of the block of magnitudes beginning at flat index `start`."""
+        split = min(max(self.tie_end - start, 0), magnitudes.numel())
+        return torch.cat([magnitudes[:split] >= self.value, magnitudes[split:] > self.value])
+
+    def select(self, delta: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """The float32 task vector block beginning at `start`, dropped entries set to zero.
+
+        Same as `delta * mask(delta.abs(), start)` with float operations only
+        (hardshrink zeroes |x| <= its threshold), several times faster on CPU than
+        building a boolean mask.
+        """
+        split = min(max(self.tie_end - start, 0), delta.numel())
+        value = float(self.value)
+        # |x| > the float32 just below the value is |x| >= the value, for float32 x.
+        below_value = float(torch.nextafter(self.value.float(), torch.tensor(-math.inf)))
+        if split == delta.numel():
+            return functional.hardshrink(delta, below_value)
+        if split == 0:
+            return functional.hardshrink(delta, value)
+        return torch.cat([functional.hardshrink(delta[:split], below_value), functional.hardshrink(delta[split:], value)])
+
+
+def magnitude_cut(magnitudes: Magnitudes, density: float) -> MagnitudeCut | None:
+    """The cut that keeps the int(density * numel) largest magnitudes (at least one).
+
+    Returns None, meaning keep all, for density >= 1. Among entries tied at the cut,
+    those with the lower flat index are kept.
+    """
     if density >= 1.0:
         return None
-    if density <= 0.0 or magnitudes.numel() == 0:
-        return torch.zeros(magnitudes.shape, dtype=torch.bool, device=magnitudes.device)
-
-    keep_count = max(1, int(density * magnitudes.numel()))
-    flat = magnitudes.reshape(-1)
-    selection = kth_largest(flat, keep_count)
-    threshold = selection.value
+    total = magnitudes.numel()
+    if density <= 0.0 or total == 0:
+        return MagnitudeCut(torch.tensor(math.inf), 0, 0)
+    keep_count = max(1, int(density * total))
+    selection = kth_largest(magnitudes, keep_count)
     if selection.at_or_above == keep_count:
-        # No tie crosses the cut: the entries at or above the threshold are exactly the kept ones.
-        return (flat >= threshold).reshape(magnitudes.shape)
-    mask = flat > threshold
-    missing = keep_count - selection.above
-    tied = torch.nonzero(flat == threshold).squeeze(1)
-    mask[tied[:missing]] = True
-    return mask.reshape(magnitudes.shape)
+        # No tie crosses the cut: the entries at or above the value are exactly the kept ones.
+        return MagnitudeCut(selection.value, selection.above, total)
+    tie_end = _tie_end(magnitudes, selection, keep_count - selection.above)
+    return MagnitudeCut(selection.value, selection.above, tie_end)
+
+
+def _tie_end(magnitudes: Magnitudes, selection: Selection, tied: int) -> int:
+    """One past the flat index of the `tied`-th entry equal to the selected value."""
+    remaining = tied
+    for index, part in enumerate(block_slices(magnitudes.numel())):
+        if selection.equal_by_block is not None and selection.equal_by_block[index] < remaining:
+            remaining -= selection.equal_by_block[index]
+            continue
+        positions = torch.nonzero(magnitudes.block(part) == selection.value).squeeze(1)
+        if positions.numel() >= remaining:
+            return part.start + int(positions[remaining - 1]) + 1
+        remaining -= positions.numel()
+    raise AssertionError("fewer entries equal to the selected value than counted")
 
 
 # Below this many entries torch.kthvalue is used directly.
-SAMPLED_SELECTION_MIN = 1 << 20
+SAMPLED_SELECTION_MIN = 1 << 18
 SELECTION_SAMPLE = 1 << 16
 # The bracket around the sample quantile spans this many standard errors on each side.
 # By the normal approximation, the k-th largest value falls outside it with a
@@ -62,40 +188,98 @@ class Selection:
     value: torch.Tensor
     above: int
     at_or_above: int
+    # Entries equal to the value in each block of `block_slices`, when a tie crosses
+    # the cut and the sampled path counted them (None: not counted).
+    equal_by_block: tuple[int, ...] | None = None
 
 
-def kth_largest(flat: torch.Tensor, count: int, sample_size: int = SELECTION_SAMPLE) -> Selection:
-    """Return the `count`-th largest entry of a 1-D tensor and the counts of entries above and at or above it.
+def kth_largest(
+    values: torch.Tensor | Magnitudes, count: int, sample_size: int = SELECTION_SAMPLE
+) -> Selection:
+    """Return the `count`-th largest entry and the counts of entries above and at or above it.
 
-    For a large tensor, a random sample of `sample_size` entries brackets the value
-    between two sample quantiles. Entries above the bracket are counted, and the value
-    is the matching rank among the few entries inside it. That takes a few cheap passes
-    over the tensor instead of torch.kthvalue's selection over all of it, about twice as
-    fast on one CPU thread. The result is exact: when the bracket misses, it falls back
-    to torch.kthvalue.
+    `values` is a 1-D tensor, or magnitudes computed block by block. For many entries,
+    a random sample of `sample_size` entries brackets the value between two sample
+    quantiles. Entries above the bracket are counted, and the value is the matching
+    rank among the few entries inside it. That takes one pass over the blocks instead
+    of torch.kthvalue's selection over all entries, about twice as fast on one CPU
+    thread, and never holds more than a block and the bracket's entries. The result
+    is exact: when the bracket misses, it falls back to torch.kthvalue.
     """
-    total = flat.numel()
+    source = StoredMagnitudes(values) if isinstance(values, torch.Tensor) else values
+    total = source.numel()
     if total < SAMPLED_SELECTION_MIN or sample_size >= total:
-        return _counted(flat, torch.kthvalue(flat, total - count + 1).values)
+        return _full_selection(source, count)
 
-    # A fixed seed keeps runs reproducible; correctness does not depend on the sample.
+    # A stratified sample (one random entry in each of sample_size equal strides)
+    # reads memory in increasing order, much faster than uniform draws on a large
+    # tensor. A fixed seed keeps runs reproducible; correctness does not depend on it.
     generator = torch.Generator().manual_seed(total)
-    indices = torch.randint(0, total, (sample_size,), generator=generator).to(flat.device)
-    sample = flat[indices]
+    stride = total // sample_size
+    offsets = torch.randint(0, stride, (sample_size,), generator=generator)
+    sample = source.at(torch.arange(sample_size) * stride + offsets)
     quantile = 1.0 - count / total
     margin = SELECTION_BRACKET_SIGMAS * math.sqrt(max(quantile * (1.0 - quantile), 1.0 / sample_size) / sample_size)
     low_rank = max(1, math.floor((quantile - margin) * sample_size))
     high_rank = min(sample_size, math.ceil((quantile + margin) * sample_size) + 1)
     low = torch.kthvalue(sample, low_rank).values
     high = torch.kthvalue(sample, high_rank).values
+    if bool(low == high):
+        return _single_value_band(source, count, low)
 
-    above_band = int((flat > high).sum())
-    band = flat[(flat >= low) & (flat <= high)]
+    above_band = 0
+    bands = []
+    for part in block_slices(total):
+        block = source.block(part)
+        above_band += _count_above(block, float(high))
+        bands.append(block[(block >= low) & (block <= high)])
+    band = torch.cat(bands)
     needed = count - above_band
     if not 0 < needed <= band.numel():
-        return _counted(flat, torch.kthvalue(flat, total - count + 1).values)
+        return _full_selection(source, count)
     value = torch.kthvalue(band, band.numel() - needed + 1).values
-    return Selection(value, above_band + int((band > value).sum()), above_band + int((band >= value).sum()))
+    above = above_band + int((band > value).sum())
+    at_or_above = above_band + int((band >= value).sum())
+    if at_or_above == count:
+        return Selection(value, above, at_or_above)
+    # A tie crosses the cut: count the equal entries per block from the band entries,
+    # so the position of the last tie kept is found without another full pass.
+    equal_by_block = tuple(int((block_band == value).sum()) for block_band in bands)
+    return Selection(value, above, at_or_above, equal_by_block)
+
+
+def _single_value_band(source: Magnitudes, count: int, value: torch.Tensor) -> Selection:
+    """Select when both sample quantiles are one value, as with bf16 task vectors.
+
+    Counting the entries above the value and at or above it is then enough; no
+    entry needs to be extracted.
+    """
+    below_value = float(torch.nextafter(value.float(), torch.tensor(-math.inf)))
+    above = 0
+    equal_by_block = []
+    for part in block_slices(source.numel()):
+        block = source.block(part)
+        block_above = _count_above(block, float(value))
+        equal_by_block.append(_count_above(block, below_value) - block_above)
+        above += block_above
+    at_or_above = above + sum(equal_by_block)
+    if not above < count <= at_or_above:
+        return _full_selection(source, count)
+    return Selection(value, above, at_or_above, None if at_or_above == count else tuple(equal_by_block))
+
+
+def _count_above(block: torch.Tensor, threshold: float) -> int:
+    """Entries of a non-negative block above `threshold` (>= 0), with float operations only.
+
+    functional.threshold keeps x > threshold (all positive) and zeroes the rest, and
+    sign turns the kept entries into ones: about twice as fast as a comparison.
+    """
+    return int(torch.sign(functional.threshold(block, threshold, 0.0)).sum())
+
+
+def _full_selection(source: Magnitudes, count: int) -> Selection:
+    flat = source.block(slice(None))
+    return _counted(flat, torch.kthvalue(flat, flat.numel() - count + 1).values)
 
 
 def _counted(flat: torch.Tensor, value: torch.Tensor) -> Selection:
@@ -127,6 +311,19 @@ def l1_rescale_factor(delta: torch.Tensor, mask: torch.Tensor) -> torch.Tensor |
     if norm_before < RESCALE_EPSILON or norm_after < RESCALE_EPSILON:
         return None
     return norm_before / norm_after
+
+
+def cut_l1_rescale_factor(magnitudes: Magnitudes, cut: MagnitudeCut) -> torch.Tensor | None:
+    """`l1_rescale_factor` of the mask that `cut` gives, summed block by block."""
+    norm_before = torch.zeros((), dtype=torch.float64)
+    norm_after = torch.zeros((), dtype=torch.float64)
+    for part in block_slices(magnitudes.numel()):
+        block = magnitudes.block(part)
+        norm_before += block.sum(dtype=torch.float64)
+        norm_after += cut.select(block, part.start).sum(dtype=torch.float64)
+    if norm_before < RESCALE_EPSILON or norm_after < RESCALE_EPSILON:
+        return None
+    return (norm_before / norm_after).float()
 
 
 def apply_mask(

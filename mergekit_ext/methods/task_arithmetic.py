@@ -25,6 +25,7 @@ class TaskArithmeticMethod:
     name: str = "task_arithmetic"
     requires_base: bool = True
     elementwise: bool = True
+    stored_dtype_inputs: bool = False
     parameters: tuple[ParameterSpec, ...] = (
         WEIGHT,
         LAMBDA,

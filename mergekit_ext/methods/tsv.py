@@ -70,6 +70,7 @@ class TsvMethod:
     name: str = "tsv"
     requires_base: bool = True
     elementwise: bool = False
+    stored_dtype_inputs: bool = False
     parameters: tuple[ParameterSpec, ...] = (ALPHA,)
     description: str = (
         "TSV-M: for 2-D tensors, each task keeps its top floor(min(m, n) / T) singular "

@@ -150,3 +150,39 @@ def test_edited_file_is_hashed_again(tmp_path: Path, monkeypatch: pytest.MonkeyP
     file.write_bytes(b"b" * 1000)  # same size
     os.utime(file, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # even with the old mtime put back
     assert files_sha256([file]) == hashlib.sha256(b"b" * 1000).hexdigest()
+
+
+def test_ties_on_bf16_checkpoints_matches_float32_copies(tiny_models: ModelFactory, tmp_path: Path) -> None:
+    # TIES takes bf16 inputs as stored and converts block by block; the result must
+    # equal the merge of float32 copies of the same checkpoints. The engine runs it
+    # with one torch thread and restores the thread count afterwards.
+    bf16 = tiny_models(3, dtype=torch.bfloat16)
+    float32 = []
+    for folder in bf16:
+        state = {name: tensor.float() for name, tensor in load_file(str(folder / "model.safetensors")).items()}
+        copy = tmp_path / f"{folder.name}-f32"
+        copy.mkdir()
+        save_file(state, str(copy / "model.safetensors"))
+        (copy / "config.json").write_bytes((folder / "config.json").read_bytes())
+        float32.append(copy)
+    threads = torch.get_num_threads()
+    outputs = {}
+    for label, (base, *models) in (("bf16", bf16), ("float32", float32)):
+        run_recipe(recipe("ties", base, models), MergeOptions(output=tmp_path / label))
+        outputs[label] = load_file(str(tmp_path / label / "model.safetensors"))
+    assert torch.get_num_threads() == threads
+    for name, tensor in outputs["float32"].items():
+        assert torch.equal(outputs["bf16"][name], tensor), name
+
+
+def test_ties_bf16_nan_is_named(tiny_models: ModelFactory, tmp_path: Path) -> None:
+    base, first, second = tiny_models(3, dtype=torch.bfloat16)
+    state = load_file(str(second / "model.safetensors"))
+    name = max(state, key=lambda key: state[key].numel())
+    state[name].view(-1)[7] = float("nan")
+    save_file(state, str(second / "model.safetensors"))
+    with pytest.raises(InvalidTensorError) as error:
+        run_recipe(recipe("ties", base, [first, second]), MergeOptions(output=tmp_path / "out"))
+    assert name in str(error.value)
+    assert str(second) in str(error.value)
+    assert not (tmp_path / "out").exists()

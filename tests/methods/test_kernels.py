@@ -434,6 +434,71 @@ def test_ties_full_density_single_model_is_identity() -> None:
     torch.testing.assert_close(merge("ties", base, [model], [{"weight": 0.3}]), model)
 
 
+def dense_reference_ties(
+    base: torch.Tensor, models: list[torch.Tensor], weights: list[float], density: float
+) -> torch.Tensor:
+    """TIES written out on whole float32 tensors: stable-sort masks, then sign election.
+
+    Density 0 keeps nothing (magnitude_mask's edge case), else at least one entry.
+    """
+    base = base.float()
+    weighted = []
+    for model, weight in zip(models, weights):
+        delta = model.float() - base
+        mask = stable_sort_mask(delta, density) if density > 0 else torch.zeros_like(delta, dtype=torch.bool)
+        weighted.append(delta * mask * weight)
+    total = torch.zeros_like(base)
+    for term in weighted:
+        total += term
+    sign = torch.where(total >= 0, 1.0, -1.0)
+    mixed = torch.zeros_like(base)
+    divisor = torch.zeros_like(base)
+    for term, weight in zip(weighted, weights):
+        agrees = torch.sign(term) == sign
+        mixed += term * agrees
+        divisor += weight * agrees
+    divisor[divisor == 0] = 1.0
+    return base + mixed / divisor
+
+
+@pytest.mark.parametrize("density", [0.0, 0.3, 0.5, 0.9])
+def test_ties_block_wise_matches_dense_reference_on_bf16(density: float) -> None:
+    # Three blocks and a partial one, above the sampled-selection size. bf16 inputs
+    # with task vectors on a coarse grid tie at almost every cut, and a negative
+    # weight flips one model's sign.
+    generator = torch.Generator().manual_seed(5)
+    size = 2 * sparsify.BLOCK_ELEMENTS + 1234
+    assert size > SAMPLED_SELECTION_MIN
+    base = torch.randn(size, generator=generator).to(torch.bfloat16)
+    models = [(base.float() + torch.randint(-6, 7, (size,), generator=generator) / 64).to(torch.bfloat16)
+              for _ in range(3)]
+    weights = [0.5, 1.25, -0.75]
+    parameters = [{"weight": weight, "density": density} for weight in weights]
+    expected = dense_reference_ties(base, models, weights, density)
+    from_bf16 = merge("ties", base, models, parameters)
+    from_float32 = merge("ties", base.float(), [model.float() for model in models], parameters)
+    assert from_bf16.dtype == torch.float32
+    assert torch.equal(from_bf16, expected)
+    assert torch.equal(from_float32, expected)
+
+
+def test_magnitude_cut_applies_to_blocks_in_any_order() -> None:
+    generator = torch.Generator().manual_seed(6)
+    size = SAMPLED_SELECTION_MIN + 5000
+    base = torch.randn(size, generator=generator).to(torch.bfloat16)
+    model = (base.float() + torch.randint(-3, 4, (size,), generator=generator) / 32).to(torch.bfloat16)
+    delta = model.float() - base.float()
+    for density in (0.01, 0.4, 0.75):
+        cut = sparsify.magnitude_cut(sparsify.TaskVectorMagnitudes(model, base), density)
+        assert cut is not None
+        expected = stable_sort_mask(delta, density)
+        parts = list(reversed(sparsify.block_slices(size, 70001)))
+        masks = {part.start: cut.mask(delta.abs()[part], part.start) for part in parts}
+        selected = {part.start: cut.select(delta[part], part.start) for part in parts}
+        assert torch.equal(torch.cat([masks[start] for start in sorted(masks)]), expected), density
+        assert torch.equal(torch.cat([selected[start] for start in sorted(selected)]), delta * expected), density
+
+
 # DARE
 
 
