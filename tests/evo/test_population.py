@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from mergekit_ext.evo.backends import PopulationBackend, SequentialBackend, load_model
@@ -12,14 +13,22 @@ from mergekit_ext.evo.merge_memory import ResidentSources, write_genome_into
 from mergekit_ext.evo.mixing import MixingModel
 
 
+# The CUDA cases run where a GPU is present (scripts/gpu_check.sh) and skip elsewhere.
+DEVICES = [
+    "cpu",
+    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")),
+]
+
+
 def _space(tiny_models, weights="global"):
     return SearchSpace(base_model=str(tiny_models["long"]), models=[str(tiny_models["short"])], weights=weights,
                        layer_groups=2)
 
 
-def test_population_logits_match_merged_models(tiny_models):
+@pytest.mark.parametrize("device_name", DEVICES)
+def test_population_logits_match_merged_models(tiny_models, device_name):
     space = _space(tiny_models, "layer_groups")
-    device = torch.device("cpu")
+    device = torch.device(device_name)
     genomes = [space.decode(genes) for genes in ([0.0, 0.0, 0.0], [0.3, 0.8, 0.5], [1.0, 0.2, 0.9])]
     mixing = MixingModel(space, device, torch.float32)
     tokenizer = __import__("transformers").AutoTokenizer.from_pretrained(space.base_model)
@@ -44,12 +53,13 @@ def test_population_logits_match_merged_models(tiny_models):
         torch.testing.assert_close(rows_of_genome[mask], expected[mask], rtol=0, atol=1e-4)
 
 
-def test_population_tokens_equal_sequential(tiny_models, problem_file):
+@pytest.mark.parametrize("device_name", DEVICES)
+def test_population_tokens_equal_sequential(tiny_models, problem_file, device_name):
     space = _space(tiny_models)
     settings = GenerationSettings(max_new_tokens=8, batch_size=8)
     problems = load_benchmark(str(problem_file))[:4]
     genomes = [space.decode([w]) for w in (0.0, 0.25, 0.5, 0.75, 1.0)]
-    device = torch.device("cpu")
+    device = torch.device(device_name)
     sequential = SequentialBackend(space, settings, device, torch.float32).generate(genomes, problems)
     population = PopulationBackend(space, settings, device, torch.float32, candidates_per_batch=5).generate(
         genomes, problems

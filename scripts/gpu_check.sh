@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# The checks that need a CUDA device, in one run, with timings: for a session that has
+# a GPU. Run from the repository root after `bash scripts/setup.sh`:
+#
+#   bash scripts/gpu_check.sh            # about 5 minutes on one GPU
+#
+# It prints the GPU, runs every test that skips without CUDA (merge kernels on CUDA
+# against CPU, the Evo-L2S population backend against sequential decoding on CUDA),
+# then times the Evo-L2S fitness backends and one TIES merge with --device cuda.
+# Nothing here downloads weights: the models are the ones the tests and benchmarks build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python=${PYTHON:-.venv/bin/python}
+merge=${MERGE:-.venv/bin/merge}
+
+"$python" - <<'EOF'
+import torch
+if not torch.cuda.is_available():
+    raise SystemExit("no CUDA device: torch %s sees none; install a CUDA build of torch" % torch.__version__)
+print("GPU:", torch.cuda.get_device_name(0), "| torch", torch.__version__, "| CUDA", torch.version.cuda)
+EOF
+
+echo "== tests that need CUDA"
+"$python" -m pytest -q -rs tests/methods/test_kernels.py tests/evo/test_population.py -k "cuda"
+
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+
+echo "== Evo-L2S fitness backends on CUDA, small reasoning zoo (candidates per minute)"
+"$merge" --device cpu zoo build reasoning --small --output "$work/reasoning" > /dev/null
+"$python" scripts/bench_evo.py --zoo "$work/reasoning" --device cuda
+
+echo "== TIES on CUDA, tiny Llama-shaped checkpoints"
+"$python" - "$work" <<'EOF'
+import sys
+from pathlib import Path
+from mergekit_ext.tiny import write_tiny_checkpoint
+root = Path(sys.argv[1])
+for index in range(4):
+    write_tiny_checkpoint(root / f"m{index}", "llama", seed=index, num_layers=4, hidden=256, vocab_size=4096)
+EOF
+for device in cpu cuda; do
+  TIMEFORMAT="TIES --device $device: %R s"
+  time "$merge" --device "$device" ties --base "$work/m0" --models "$work/m1" "$work/m2" "$work/m3" \
+    --density 0.5 --output "$work/ties-$device" > /dev/null
+done
+"$python" - "$work" <<'EOF'
+import sys
+import torch
+from safetensors.torch import load_file
+root = sys.argv[1]
+cpu, cuda = load_file(f"{root}/ties-cpu/model.safetensors"), load_file(f"{root}/ties-cuda/model.safetensors")
+worst = max(float((cpu[name].float() - cuda[name].float()).abs().max()) for name in cpu)
+print(f"TIES CPU against CUDA: largest difference {worst:.2e} over {len(cpu)} tensors")
+EOF
