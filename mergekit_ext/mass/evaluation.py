@@ -24,6 +24,7 @@ from mergekit_ext.mass.router import RoutingDecision, RoutingMode, residual_norm
 from mergekit_ext.mass.config import TokenRule
 from mergekit_ext.mass.runtime import MassModel
 from mergekit_ext.mass.task_store import TaskSet
+from mergekit_ext.models.adapters import ModelBatch
 from mergekit_ext.zoo.evaluate import EVAL_BATCH_SIZE, EvalResult, TaskAccuracy, read_manifest, read_split, score_batch, sorted_test_split
 
 logger = logging.getLogger(__name__)
@@ -191,14 +192,23 @@ def evaluate_mass_variants(
             features, prefix = model.router_features(batch, keep_prefix=keep_prefix)
             residuals = residual_norms(features, model.bases)
             weights = routing_weights(residuals, model.settings.temperature)
+            decisions = {v.label: RoutingDecision(residuals, weights, select_tasks(weights, settings[v.label])) for v in variants}
+            sets = {
+                v.label: [tuple(range(len(names)))] * batch.size
+                if v.shared_model
+                else model.task_sets_for(decisions[v.label], settings[v.label])
+                for v in variants
+            }
+            faithful = {v.label: sets[v.label] for v in variants if not (v.shared_model or v.reuse_prefix)}
+            second_passes = _deduplicated_second_pass(model, batch, faithful)
             for variant in variants:
-                decision = RoutingDecision(residuals, weights, select_tasks(weights, settings[variant.label]))
+                decision, task_sets = decisions[variant.label], sets[variant.label]
                 if variant.shared_model:
-                    task_sets = [tuple(range(len(names)))] * batch.size
                     outputs = model.shared_features_from_prefix(batch, prefix)
+                elif variant.reuse_prefix:
+                    outputs = model.second_pass(batch, task_sets, prefix)
                 else:
-                    task_sets = model.task_sets_for(decision, settings[variant.label])
-                    outputs = model.second_pass(batch, task_sets, prefix if variant.reuse_prefix else None)
+                    outputs = second_passes[variant.label]
                 head_logits = model.selected_head_logits(outputs, task_sets, restrict=not variant.oracle_head)
                 candidates = selected if not variant.oracle_head else [task]
                 logits = {name: head_logits[names.index(name)].cpu() for name in candidates}
@@ -235,6 +245,29 @@ def evaluate_mass_variants(
         }
         results[variant.label] = MassEvalResult(accuracy=accuracy, routing=tally.routing(selected), settings=run_settings)
     return results
+
+
+def _deduplicated_second_pass(
+    model: MassModel, batch: ModelBatch, sets_by_label: dict[str, list[TaskSet]]
+) -> dict[str, torch.Tensor]:
+    """Run pass 2 (no prefix reuse) of several variants, once per distinct (text, Ω) pair.
+
+    Where top-k routing picks a single task, its Ω equals top-1's, and the text's
+    pass 2 is the same computation in both variants; it runs once.
+    """
+    pairs: dict[tuple[int, TaskSet], int] = {}
+    for task_sets in sets_by_label.values():
+        for row, task_set in enumerate(task_sets):
+            pairs.setdefault((row, task_set), len(pairs))
+    if not pairs:
+        return {}
+    rows = torch.tensor([row for row, _ in pairs], device=model.adapter.device)
+    expanded = model.adapter.select_rows(batch, rows, keep_length=True)
+    features = model.second_pass(expanded, [task_set for _, task_set in pairs])
+    return {
+        label: features[[pairs[(row, task_set)] for row, task_set in enumerate(task_sets)]]
+        for label, task_sets in sets_by_label.items()
+    }
 
 
 @dataclass
@@ -358,7 +391,8 @@ def measure_latency(model: MassModel, batches: Sequence[Any], *, repeats: int = 
     it with the prefix reused, in the same rounds. The task sets of every batch are
     merged before timing, so the ratio excludes merging as long as the cache has room
     for all of them. The runs are timed alternately, batch by batch, so load from other
-    processes hits all alike. Each time is the median over `repeats` rounds.
+    processes hits all alike. Each time is the fastest of `repeats` rounds, since load
+    from other processes can only add time.
     """
     modes = [model.reuse_prefix, True] if with_reuse_prefix else [model.reuse_prefix]
     for batch in batches:
@@ -389,10 +423,9 @@ def measure_latency(model: MassModel, batches: Sequence[Any], *, repeats: int = 
                     mass_rounds[index].append(seconds / len(batches))
     finally:
         model.reuse_prefix = original
-    middle = repeats // 2
     return LatencyReport(
         batch_size=len(batches[0]),
-        single_pass_seconds=sorted(single_rounds)[middle],
-        mass_seconds=sorted(mass_rounds[0])[middle],
-        reuse_prefix_seconds=sorted(mass_rounds[1])[middle] if with_reuse_prefix else None,
+        single_pass_seconds=min(single_rounds),
+        mass_seconds=min(mass_rounds[0]),
+        reuse_prefix_seconds=min(mass_rounds[1]) if with_reuse_prefix else None,
     )

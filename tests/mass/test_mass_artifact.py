@@ -14,6 +14,7 @@ from torch.func import functional_call
 from mergekit_ext.errors import CheckpointError, IncompatibleModelsError, RecipeError
 from mergekit_ext.mass.build import MassBuildOptions, build_mass_artifact
 from mergekit_ext.mass.config import CONFIG_NAME, MassConfig
+from mergekit_ext.mass.evaluation import _deduplicated_second_pass
 from mergekit_ext.mass.router import RouterSettings
 from mergekit_ext.mass.runtime import MassModel, MassOutput, _select_head
 from mergekit_ext.mass.task_store import MergedModelCache
@@ -382,3 +383,13 @@ def test_cli_builds_artifact(tiny_mass, tmp_path: Path) -> None:
     assert config.router.layer == 1
     assert config.router.mode == "top1"
     assert not config.has_heads
+
+
+def test_deduplicated_second_pass_equals_separate_passes(tiny_mass) -> None:
+    # Two variants whose task sets agree on some texts (run once) and differ on others.
+    model = MassModel.from_pretrained(tiny_mass.artifact, device="cpu")
+    batch = model.adapter.prepare(TEXTS)
+    sets = {"a": [(0,), (1, 2), (0, 1, 2), (2,), (0, 2)], "b": [(0,), (1,), (0, 1, 2), (0,), (0, 2)]}
+    shared = _deduplicated_second_pass(model, batch, sets)
+    for label, task_sets in sets.items():
+        torch.testing.assert_close(shared[label], model.second_pass(batch, task_sets), atol=1e-5, rtol=1e-5, msg=label)
