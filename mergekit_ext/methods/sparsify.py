@@ -65,7 +65,7 @@ class StoredMagnitudes:
 
     def at(self, indices: torch.Tensor) -> torch.Tensor:
         """The entries at `indices`."""
-        return self.values[indices]
+        return self.values[indices.to(self.values.device)]
 
     def block(self, part: slice) -> torch.Tensor:
         """A view of one contiguous block."""
@@ -89,11 +89,17 @@ class TaskVectorMagnitudes:
 
     def at(self, indices: torch.Tensor) -> torch.Tensor:
         """|model - base| at `indices`."""
+        indices = indices.to(self.base.device)
         return torch.sub(self.model[indices].float(), self.base[indices].float()).abs_()
 
     def block(self, part: slice) -> torch.Tensor:
         """|model - base| over one contiguous block."""
         return torch.sub(self.model[part].float(), self.base[part].float()).abs_()
+
+
+def float32_below(value: float) -> float:
+    """The largest float32 below `value`: for float32 x, |x| > it exactly when |x| >= value."""
+    return float(torch.nextafter(torch.tensor(value, dtype=torch.float32), torch.tensor(-math.inf)))
 
 
 def block_slices(total: int, block_elements: int = BLOCK_ELEMENTS) -> list[slice]:
@@ -128,8 +134,7 @@ class MagnitudeCut:
         """
         split = min(max(self.tie_end - start, 0), delta.numel())
         value = float(self.value)
-        # |x| > the float32 just below the value is |x| >= the value, for float32 x.
-        below_value = float(torch.nextafter(self.value.float(), torch.tensor(-math.inf)))
+        below_value = float32_below(float(self.value))
         if split == delta.numel():
             return functional.hardshrink(delta, below_value)
         if split == 0:
@@ -254,13 +259,16 @@ def _single_value_band(source: Magnitudes, count: int, value: torch.Tensor) -> S
     Counting the entries above the value and at or above it is then enough; no
     entry needs to be extracted.
     """
-    below_value = float(torch.nextafter(value.float(), torch.tensor(-math.inf)))
+    below_value = float32_below(float(value))
+    zero = float(value) == 0.0
     above = 0
     equal_by_block = []
     for part in block_slices(source.numel()):
         block = source.block(part)
         block_above = _count_above(block, float(value))
-        equal_by_block.append(_count_above(block, below_value) - block_above)
+        # Every entry is >= 0, so at a zero value the rest of the block ties.
+        at_or_above = block.numel() if zero else _count_above(block, below_value)
+        equal_by_block.append(at_or_above - block_above)
         above += block_above
     at_or_above = above + sum(equal_by_block)
     if not above < count <= at_or_above:

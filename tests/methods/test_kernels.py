@@ -329,6 +329,21 @@ def test_magnitude_mask_large_tensor_with_ties(density: float) -> None:
     assert torch.equal(magnitude_mask(delta, density), stable_sort_mask(delta, density))
 
 
+@pytest.mark.parametrize("density", [0.3, 0.5, 0.8])
+def test_magnitude_mask_mostly_zero_task_vector(density: float, monkeypatch: pytest.MonkeyPatch) -> None:
+    # 60 % zeros: at density 0.5 and 0.8 the cut falls on zero, where both sample
+    # quantiles are 0 and the entries are counted instead of extracted. That must
+    # not need the full-selection fallback.
+    generator = torch.Generator().manual_seed(23)
+    delta = torch.randn(SAMPLED_SELECTION_MIN + 999, generator=generator)
+    delta[torch.rand(delta.numel(), generator=generator) < 0.6] = 0.0
+    fallbacks = []
+    full = sparsify._full_selection
+    monkeypatch.setattr(sparsify, "_full_selection", lambda *args: fallbacks.append(args) or full(*args))
+    assert torch.equal(magnitude_mask(delta, density), stable_sort_mask(delta, density))
+    assert not fallbacks
+
+
 def test_kth_largest_counts_and_fallback(monkeypatch: pytest.MonkeyPatch) -> None:
     generator = torch.Generator().manual_seed(22)
     flat = torch.randn(SAMPLED_SELECTION_MIN * 2, generator=generator).abs()
