@@ -252,8 +252,8 @@ def _deduplicated_second_pass(
 ) -> dict[str, torch.Tensor]:
     """Run pass 2 (no prefix reuse) of several variants, once per distinct (text, Ω) pair.
 
-    Where top-k routing picks a single task, its Ω equals top-1's, and the text's
-    pass 2 is the same computation in both variants; it runs once.
+    Where top-k routing picks a single task, its Ω equals top-1's. The text's pass 2
+    is then the same computation in both variants, so it runs once.
     """
     pairs: dict[tuple[int, TaskSet], int] = {}
     for task_sets in sets_by_label.values():
