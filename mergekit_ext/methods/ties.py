@@ -109,19 +109,16 @@ def _consensus_block(
 ) -> torch.Tensor:
     """Merge one block: elect the sign of the weighted sum, average the agreeing entries.
 
-    The sums of positive and negative weighted entries, and of the weights behind
-    them, are kept apart, so one pass over the models serves both possible signs.
-    They add the same terms in the same order as summing the agreeing entries after
-    the election would, so the result is the same to the bit. Only float operations
-    are used (signs and 0/1 factors instead of boolean masks and `where`). On the
-    development CPU a float operation ran at 7-10 G entries/s, a comparison writing a
-    boolean tensor at 2.3 G entries/s and `where` at 0.45 G entries/s.
+    The weighted task vectors of the block are kept, so the election and the
+    agreement pass read them instead of recomputing them. Terms are added in model
+    order as in the whole-tensor formula, so the result is the same to the bit. Only
+    float operations are used (signs and 0/1 factors instead of boolean masks and
+    `where`). On the development CPU a float operation ran at 7-10 G entries/s, a
+    comparison writing a boolean tensor at 2.3 G entries/s and `where` at 0.45 G
+    entries/s.
     """
     total = torch.zeros_like(base)
-    positive = torch.zeros_like(base)
-    negative = torch.zeros_like(base)
-    positive_weight = torch.zeros_like(base)
-    negative_weight = torch.zeros_like(base)
+    weighted_vectors = []
     for task_vector in task_vectors:
         delta = task_vector.model[part].float() - base
         if task_vector.cut is not None:
@@ -130,17 +127,17 @@ def _consensus_block(
             delta = delta * task_vector.scale
         weighted = delta.mul_(task_vector.weight)
         total += weighted
-        positive += weighted.clamp(min=0)
-        negative += weighted.clamp(max=0)
-        signs = torch.sign(weighted)
-        positive_weight.add_(signs.clamp(min=0), alpha=task_vector.weight)
-        negative_weight.add_(signs.clamp(max=0), alpha=-task_vector.weight)
-    # 1 where the elected sign is + (a zero sum counts as +), else 0.
-    elected = torch.sign(total).neg_().relu_().neg_().add_(1.0)
-    rejected = torch.sub(1.0, elected)
-    mixed = positive.mul_(elected).add_(negative.mul_(rejected))
+        weighted_vectors.append(weighted)
+    # The elected sign, +1 or -1 (a zero sum counts as +).
+    elected = torch.sign(total).neg_().relu_().mul_(-2.0).add_(1.0)
+    mixed = torch.zeros_like(base)
+    divisor = torch.zeros_like(base)
+    for task_vector, weighted in zip(task_vectors, weighted_vectors):
+        # 1 where the entry's sign agrees with the elected one, 0 elsewhere (zeros never agree).
+        agrees = torch.sign(weighted).mul_(elected).relu_()
+        mixed += weighted.mul_(agrees)
+        divisor.add_(agrees, alpha=task_vector.weight)
     if normalize:
-        divisor = positive_weight.mul_(elected).add_(negative_weight.mul_(rejected))
         # No agreeing entry: divide by 1 instead of 0.
         mixed /= divisor.add_(torch.sign(divisor).abs_().neg_().add_(1.0))
     if scaling != 1.0:
