@@ -3,6 +3,7 @@
 # a GPU. Run from the repository root after `bash scripts/setup.sh`:
 #
 #   bash scripts/gpu_check.sh            # about 5 minutes on one GPU
+#   DEVICE=cpu bash scripts/gpu_check.sh # the same steps on CPU, to check the script
 #
 # It prints the GPU, runs every test that skips without CUDA (merge kernels on CUDA
 # against CPU, the Evo-L2S population backend against sequential decoding on CUDA),
@@ -12,25 +13,30 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 python=${PYTHON:-.venv/bin/python}
 merge=${MERGE:-.venv/bin/merge}
+device=${DEVICE:-cuda}
 
-"$python" - <<'EOF'
+"$python" - "$device" <<'EOF'
+import sys
 import torch
-if not torch.cuda.is_available():
+if sys.argv[1] == "cpu":
+    print("DEVICE=cpu: the CUDA tests skip and the timings run on CPU")
+elif not torch.cuda.is_available():
     raise SystemExit("no CUDA device: torch %s sees none; install a CUDA build of torch" % torch.__version__)
-print("GPU:", torch.cuda.get_device_name(0), "| torch", torch.__version__, "| CUDA", torch.version.cuda)
+else:
+    print("GPU:", torch.cuda.get_device_name(0), "| torch", torch.__version__, "| CUDA", torch.version.cuda)
 EOF
 
 echo "== tests that need CUDA"
-"$python" -m pytest -q -rs tests/methods/test_kernels.py tests/evo/test_population.py -k "cuda"
+"$python" -m pytest -q -rs tests/methods/test_kernels.py tests/evo/test_population.py -k cuda
 
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 
-echo "== Evo-L2S fitness backends on CUDA, small reasoning zoo (candidates per minute)"
+echo "== Evo-L2S fitness backends on $device, small reasoning zoo (candidates per minute)"
 "$merge" --device cpu zoo build reasoning --small --output "$work/reasoning" > /dev/null
-"$python" scripts/bench_evo.py --zoo "$work/reasoning" --device cuda
+"$python" scripts/bench_evo.py --zoo "$work/reasoning" --device "$device"
 
-echo "== TIES on CUDA, tiny Llama-shaped checkpoints"
+echo "== TIES on $device, tiny Llama-shaped checkpoints"
 "$python" - "$work" <<'EOF'
 import sys
 from pathlib import Path
@@ -39,17 +45,17 @@ root = Path(sys.argv[1])
 for index in range(4):
     write_tiny_checkpoint(root / f"m{index}", "llama", seed=index, num_layers=4, hidden=256, vocab_size=4096)
 EOF
-for device in cpu cuda; do
-  TIMEFORMAT="TIES --device $device: %R s"
-  time "$merge" --device "$device" ties --base "$work/m0" --models "$work/m1" "$work/m2" "$work/m3" \
-    --density 0.5 --output "$work/ties-$device" > /dev/null
+for run in cpu "$device"; do
+  TIMEFORMAT="TIES --device $run: %R s"
+  time "$merge" --device "$run" ties --base "$work/m0" --models "$work/m1" "$work/m2" "$work/m3" \
+    --density 0.5 --output "$work/ties-$run" --force > /dev/null
 done
-"$python" - "$work" <<'EOF'
+"$python" - "$work" "$device" <<'EOF'
 import sys
-import torch
 from safetensors.torch import load_file
-root = sys.argv[1]
-cpu, cuda = load_file(f"{root}/ties-cpu/model.safetensors"), load_file(f"{root}/ties-cuda/model.safetensors")
-worst = max(float((cpu[name].float() - cuda[name].float()).abs().max()) for name in cpu)
-print(f"TIES CPU against CUDA: largest difference {worst:.2e} over {len(cpu)} tensors")
+root, device = sys.argv[1], sys.argv[2]
+cpu = load_file(f"{root}/ties-cpu/model.safetensors")
+other = load_file(f"{root}/ties-{device}/model.safetensors")
+worst = max(float((cpu[name].float() - other[name].float()).abs().max()) for name in cpu)
+print(f"TIES on CPU against {device}: largest difference {worst:.2e} over {len(cpu)} tensors")
 EOF
