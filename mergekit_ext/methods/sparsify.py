@@ -325,15 +325,15 @@ def l1_rescale_factor(delta: torch.Tensor, mask: torch.Tensor) -> torch.Tensor |
 
 def cut_l1_rescale_factor(magnitudes: Magnitudes, cut: MagnitudeCut) -> torch.Tensor | None:
     """Return `l1_rescale_factor` for the mask that `cut` gives, summed block by block."""
-    norm_before = torch.zeros((), dtype=torch.float64)
-    norm_after = torch.zeros((), dtype=torch.float64)
+    norm_before = 0.0
+    norm_after = 0.0
     for part in block_slices(magnitudes.numel()):
         block = magnitudes.block(part)
-        norm_before += block.sum(dtype=torch.float64)
-        norm_after += cut.select(block, part.start).sum(dtype=torch.float64)
+        norm_before += float(block.sum(dtype=torch.float64))
+        norm_after += float(cut.select(block, part.start).sum(dtype=torch.float64))
     if norm_before < RESCALE_EPSILON or norm_after < RESCALE_EPSILON:
         return None
-    return (norm_before / norm_after).float()
+    return torch.tensor(norm_before / norm_after, dtype=torch.float32)
 
 
 def apply_mask(

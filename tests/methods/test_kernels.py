@@ -875,12 +875,18 @@ def test_iso_cts_full_common_fraction_equals_iso_c() -> None:
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("method", ["ties", "dare_ties", "dare_linear", "tsv", "iso_cts"])
-def test_cuda_matches_cpu(method: str) -> None:
+@pytest.mark.parametrize(
+    ("method", "shared"),
+    [("ties", {}), ("ties", {"rescale": 1.0}), ("dare_ties", {}), ("dare_linear", {}), ("tsv", {}), ("iso_cts", {})],
+)
+def test_cuda_matches_cpu(method: str, shared: dict[str, float]) -> None:
+    # 64 x 4200 entries: above the sampled-selection size, so TIES takes its block path.
     generator = torch.Generator().manual_seed(11)
-    base = torch.randn(64, 48, generator=generator)
-    models = [base + torch.randn(64, 48, generator=generator) for _ in range(3)]
+    base = torch.randn(64, 4200, generator=generator).to(torch.bfloat16)
+    models = [(base.float() + torch.randn(64, 4200, generator=generator)).to(torch.bfloat16) for _ in range(3)]
+    if method not in ("ties",):
+        base, models = base.float(), [model.float() for model in models]
     parameters = [{"density": 0.4}] * 3 if method in ("ties", "dare_ties", "dare_linear") else None
-    cpu = merge(method, base, models, parameters, seed=4)
-    cuda = merge(method, base.cuda(), [model.cuda() for model in models], parameters, seed=4)
+    cpu = merge(method, base, models, parameters, seed=4, **shared)
+    cuda = merge(method, base.cuda(), [model.cuda() for model in models], parameters, seed=4, **shared)
     torch.testing.assert_close(cuda.cpu(), cpu, atol=1e-4, rtol=1e-4)
