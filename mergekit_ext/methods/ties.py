@@ -55,7 +55,8 @@ class TiesMethod:
         Inputs may be in their stored dtype: the work runs over blocks converted to
         float32 one at a time, so no float32 copy of a whole input is ever made.
         """
-        base = stored_base(self.name, inputs).reshape(-1)
+        stored = stored_base(self.name, inputs)
+        base = stored.reshape(-1)
         check_shapes(inputs)
         resolved = resolve_parameters(self.name, self.parameters, inputs)
         task_vectors = []
@@ -70,7 +71,7 @@ class TiesMethod:
             merged[part] = _consensus_block(
                 base[part].float(), task_vectors, part, resolved.flag("normalize"), resolved.shared["lambda"]
             )
-        return merged.reshape(inputs.base.shape if inputs.base is not None else base.shape)
+        return merged.reshape(stored.shape)
 
 
 @dataclass
