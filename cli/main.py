@@ -34,7 +34,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "mass": ("mass_command", "mass_command", "MASS: shared TSV-M model plus task subspaces and a data-free router."),
     "inspect": ("inspect_command", "inspect_command", "Show tensors, shapes, dtypes and sizes of a checkpoint."),
     "evo": ("evo_commands", "evo_group", "Evolutionary merge search of accuracy against generated length (Evo-L2S)."),
-    "zoo": ("zoo_commands", "zoo_group", "Build the offline model zoos (text) into the cache."),
+    "zoo": ("zoo_commands", "zoo_group", "Build the offline model zoos (text, reasoning, chat) into the cache."),
     "eval": ("eval_command", "eval_command", "Per-task test accuracy of a checkpoint on a model zoo."),
     "steer": ("steer_commands", "steer_group", "Steering vectors: extract, apply, refusal direction, orthogonalize, abliterate, audit."),
     "push": ("push_command", "push_command", "Upload an output folder with its model card to the Hugging Face Hub."),
@@ -57,6 +57,8 @@ class LazyGroup(click.Group):
         return sorted(COMMANDS)
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        # Method names as recipes spell them (task_arithmetic) work as command names too.
+        cmd_name = cmd_name.replace("_", "-")
         if cmd_name not in COMMANDS:
             return None
         module_name, attribute, _ = COMMANDS[cmd_name]
@@ -112,7 +114,24 @@ def main() -> None:
     # SIGTERM (a killed job, a CI timeout) becomes SystemExit, so the writer's context
     # manager removes its temporary folder exactly as it does for Ctrl-C.
     signal.signal(signal.SIGTERM, _exit_on_signal)
-    cli(prog_name="merge")
+    try:
+        status = cli.main(prog_name="merge", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("Aborted.", err=True)
+        sys.exit(1)
+    except click.ClickException as error:
+        click.echo(_one_line_usage_error(error), err=True)
+        sys.exit(error.exit_code)
+    sys.exit(status if isinstance(status, int) else 0)
+
+
+def _one_line_usage_error(error: click.ClickException) -> str:
+    """Format a command-line error (a bad option value, a missing argument) as one line."""
+    message = error.format_message().replace("\n", " ")
+    context = getattr(error, "ctx", None)
+    if context is None:
+        return f"Error: {message}"
+    return f"Error: {message} See '{context.command_path} --help' for the options."
 
 
 def _exit_on_signal(signal_number: int, frame: object) -> None:

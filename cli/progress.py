@@ -5,14 +5,26 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 from mergekit_ext.cli.logging_setup import STDERR_CONSOLE
 
 
 @contextmanager
 def progress_callback(description: str) -> Iterator[Callable[[int, int, str], None]]:
-    """Yield a `(done, total, label)` callback that drives one rich progress bar on stderr."""
+    """Yield a `(done, total, label)` callback that drives one rich progress bar on stderr.
+
+    The bar appears at the first call, so input checks that fail before any work starts
+    print their error alone.
+    """
     columns = (
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -21,10 +33,17 @@ def progress_callback(description: str) -> Iterator[Callable[[int, int, str], No
         TimeRemainingColumn(),
         TextColumn("{task.fields[label]}", style="dim"),
     )
-    with Progress(*columns, console=STDERR_CONSOLE, transient=False) as progress:
-        task = progress.add_task(description, total=None, label="")
+    progress = Progress(*columns, console=STDERR_CONSOLE, transient=False)
+    tasks: list[TaskID] = []
 
-        def update(done: int, total: int, label: str) -> None:
-            progress.update(task, completed=done, total=total, label=label[-60:])
+    def update(done: int, total: int, label: str) -> None:
+        if not tasks:
+            progress.start()
+            tasks.append(progress.add_task(description, total=total, label=""))
+        progress.update(tasks[0], completed=done, total=total, label=label[-60:])
 
+    try:
         yield update
+    finally:
+        if tasks:
+            progress.stop()

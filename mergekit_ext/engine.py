@@ -469,6 +469,8 @@ def _stream(
         return 4 * unit.elements * input_count
 
     checkpoints = [c for c in [inputs.base, *inputs.models] if c is not None]
+    if progress is not None:
+        progress(0, len(plan), "")
     with ThreadPoolExecutor(max_workers=max(1, options.read_threads)) as pool:
         # One read per input and unit, so the inputs of one unit load in parallel.
         pending: deque[tuple[_Unit, list[Future[torch.Tensor]]]] = deque()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -74,6 +76,51 @@ def test_user_error_exits_2_with_one_line(tiny_models: ModelFactory, tmp_path: P
     assert "Traceback" not in result.output
 
 
+def run_merge(*arguments: str) -> subprocess.CompletedProcess[str]:
+    """Run the `merge` entry point in a child process, as the console script does."""
+    return subprocess.run(
+        [sys.executable, "-m", "mergekit_ext.cli.main", *arguments], capture_output=True, text=True, timeout=300
+    )
+
+
+@pytest.mark.parametrize(
+    ("arguments", "expected"),
+    [
+        (["ties", "--base", "MISSING", "--models", "MISSING", "--output", "OUT"], "Invalid value for '--base'"),
+        (["ties"], "Missing option '--base'"),
+        (["nosuch"], "No such command 'nosuch'"),
+    ],
+)
+def test_usage_error_one_line(tmp_path: Path, arguments: list[str], expected: str) -> None:
+    paths = {"MISSING": str(tmp_path / "missing"), "OUT": str(tmp_path / "out")}
+    result = run_merge(*[paths.get(argument, argument) for argument in arguments])
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert expected in lines[0]
+    assert "--help' for the options" in lines[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_refused_output_prints_no_progress_bar(tiny_models: ModelFactory, tmp_path: Path) -> None:
+    # The output check fails before any tensor is merged: only the error line is printed.
+    base, first = tiny_models(2)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "x").write_text("x")
+    result = run_merge("ties", "-b", str(base), "-m", str(first), "-o", str(out))
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "--force" in lines[0]
+
+
+def test_underscore_command_names() -> None:
+    result = invoke("task_arithmetic", "--help")
+    assert result.exit_code == 0
+    assert "--lambda" in result.output
+
+
 def test_debug_shows_the_exception(tiny_models: ModelFactory, tmp_path: Path) -> None:
     from mergekit_ext.errors import OutputError
 
@@ -127,8 +174,6 @@ def test_inspect_lists_tensors(tiny_models: ModelFactory) -> None:
 def test_sigterm_leaves_no_partial_output(tmp_path: Path) -> None:
     import os
     import signal
-    import subprocess
-    import sys
     import time
 
     from mergekit_ext.tiny import write_tiny_checkpoint
