@@ -21,7 +21,7 @@ import torch
 if sys.argv[1] == "cpu":
     print("DEVICE=cpu: the CUDA tests skip and the timings run on CPU")
 elif not torch.cuda.is_available():
-    raise SystemExit("no CUDA device: torch %s sees none; install a CUDA build of torch" % torch.__version__)
+    raise SystemExit(f"No CUDA device: torch {torch.__version__} sees none. Install a CUDA build of torch, or set DEVICE=cpu to check the script.")
 else:
     print("GPU:", torch.cuda.get_device_name(0), "| torch", torch.__version__, "| CUDA", torch.version.cuda)
 EOF

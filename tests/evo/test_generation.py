@@ -82,7 +82,7 @@ def test_out_of_memory_halves_the_batch(tiny_models, monkeypatch):
     assert sizes == [4, 2, 2, 1]
 
 
-def test_out_of_memory_at_batch_one_is_raised(tiny_models, monkeypatch):
+def test_out_of_memory_at_batch_one(tiny_models, monkeypatch):
     tokenizer = load_tokenizer(str(tiny_models["long"]))
     model = load_model(str(tiny_models["long"]), torch.device("cpu"), torch.float32)
 

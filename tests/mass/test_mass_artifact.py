@@ -385,7 +385,7 @@ def test_cli_builds_artifact(tiny_mass, tmp_path: Path) -> None:
     assert not config.has_heads
 
 
-def test_deduplicated_second_pass_equals_separate_passes(tiny_mass) -> None:
+def test_deduplicated_second_pass(tiny_mass) -> None:
     # Two variants whose task sets agree on some texts (run once) and differ on others.
     model = MassModel.from_pretrained(tiny_mass.artifact, device="cpu")
     batch = model.adapter.prepare(TEXTS)
