@@ -25,7 +25,9 @@ class TaskArithmeticMethod:
     name: str = "task_arithmetic"
     requires_base: bool = True
     elementwise: bool = True
-    stored_dtype_inputs: bool = False
+    # merge_task_vectors converts each 1M-entry block itself: measured on 2 cores, a
+    # warm merge of 4 bf16 Qwen2-0.5B-shaped models took 4.3-4.8 s instead of 5.0-5.8 s.
+    stored_dtype_inputs: bool = True
     parameters: tuple[ParameterSpec, ...] = (
         WEIGHT,
         LAMBDA,

@@ -152,10 +152,11 @@ def test_edited_file_is_hashed_again(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert files_sha256([file]) == hashlib.sha256(b"b" * 1000).hexdigest()
 
 
-def test_ties_on_bf16_checkpoints_matches_float32_copies(tiny_models: ModelFactory, tmp_path: Path) -> None:
-    # TIES takes bf16 inputs as stored and converts block by block; the result must
-    # equal the merge of float32 copies of the same checkpoints. The engine runs it
-    # with one torch thread and restores the thread count afterwards.
+@pytest.mark.parametrize("method", ["ties", "task_arithmetic"])
+def test_bf16_inputs_match_float32_copies(tiny_models: ModelFactory, tmp_path: Path, method: str) -> None:
+    # These methods take bf16 inputs as stored and convert block by block; the result
+    # must equal the merge of float32 copies of the same checkpoints. The engine runs
+    # them with one torch thread and restores the thread count afterwards.
     bf16 = tiny_models(3, dtype=torch.bfloat16)
     float32 = []
     for folder in bf16:
@@ -168,7 +169,7 @@ def test_ties_on_bf16_checkpoints_matches_float32_copies(tiny_models: ModelFacto
     threads = torch.get_num_threads()
     outputs = {}
     for label, (base, *models) in (("bf16", bf16), ("float32", float32)):
-        run_recipe(recipe("ties", base, models), MergeOptions(output=tmp_path / label))
+        run_recipe(recipe(method, base, models), MergeOptions(output=tmp_path / label))
         outputs[label] = load_file(str(tmp_path / label / "model.safetensors"))
     assert torch.get_num_threads() == threads
     for name, tensor in outputs["float32"].items():
