@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import torch
 
-from mergekit_ext.methods.consensus import agreement_mask, elected_sign
+from mergekit_ext.methods.consensus import consensus_merge
 from mergekit_ext.methods.sparsify import apply_mask
 
 # Without sign consensus, a weight sum this close to zero is replaced by 1 instead
@@ -76,38 +76,22 @@ def _merge_block(
     normalize: bool,
     scaling: float,
 ) -> torch.Tensor:
-    def weighted_task_vector(index: int) -> torch.Tensor:
-        delta = apply_mask(models[index].float() - base, masks[index], scales[index])
-        return delta * weights[index]
-
-    sign: torch.Tensor | None = None
     if sign_consensus:
-        weighted_sum = torch.zeros_like(base)
-        for index in range(len(models)):
-            weighted_sum += weighted_task_vector(index)
-        sign = elected_sign(weighted_sum)
-        del weighted_sum
+        weighted = [
+            apply_mask(model.float() - base, mask, scale) * weight
+            for model, mask, scale, weight in zip(models, masks, scales, weights)
+        ]
+        return consensus_merge(base, weighted, weights, normalize=normalize, scaling=scaling)
 
+    # In place into two buffers: two passes per model instead of four.
     mixed = torch.zeros_like(base)
-    divisor: torch.Tensor | float
-    if sign is not None:
-        divisor = torch.zeros_like(base)
-        for index in range(len(models)):
-            weighted = weighted_task_vector(index)
-            agrees = agreement_mask(weighted, sign)
-            mixed += weighted * agrees
-            divisor += weights[index] * agrees
-        divisor[divisor == 0] = 1.0
-    else:
-        # In place into two buffers: two passes per model instead of four.
-        scratch = torch.empty_like(base)
-        for index, model in enumerate(models):
-            torch.sub(model.float(), base, out=scratch)
-            mixed.add_(apply_mask(scratch, masks[index], scales[index]), alpha=weights[index])
-        divisor = float(sum(weights))
-        if abs(divisor) < WEIGHT_SUM_EPSILON:
-            divisor = 1.0
-        del scratch
+    scratch = torch.empty_like(base)
+    for index, model in enumerate(models):
+        torch.sub(model.float(), base, out=scratch)
+        mixed.add_(apply_mask(scratch, masks[index], scales[index]), alpha=weights[index])
+    divisor = float(sum(weights))
+    if abs(divisor) < WEIGHT_SUM_EPSILON:
+        divisor = 1.0
 
     if normalize:
         mixed /= divisor

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from mergekit_ext.methods.base import ParameterSpec, TensorMergeInput
+from mergekit_ext.methods.consensus import consensus_merge
 from mergekit_ext.methods.inputs import check_shapes, stored_base
 from mergekit_ext.methods.parameters import (
     DENSITY,
@@ -20,7 +21,6 @@ from mergekit_ext.methods.parameters import (
 from mergekit_ext.methods.sparsify import (
     MagnitudeCut,
     TaskVectorMagnitudes,
-    apply_mask,
     block_slices,
     cut_l1_rescale_factor,
     magnitude_cut,
@@ -108,39 +108,14 @@ def _consensus_block(
     normalize: bool,
     scaling: float,
 ) -> torch.Tensor:
-    """Merge one block: elect the sign of the weighted sum, average the agreeing entries.
-
-    The weighted task vectors of the block are kept, so the election and the
-    agreement pass read them instead of recomputing them. Terms are added in model
-    order as in the whole-tensor formula, so the result is the same to the bit. Only
-    float operations are used (signs and 0/1 factors instead of boolean masks and
-    `where`). On the development CPU a float operation ran at 7-10 G entries/s, a
-    comparison writing a boolean tensor at 2.3 G entries/s and `where` at 0.45 G
-    entries/s.
-    """
-    total = torch.zeros_like(base)
-    weighted_vectors = []
+    """Merge one block: trim each task vector with its cut, then elect signs (`consensus_merge`)."""
+    weighted = []
     for task_vector in task_vectors:
         delta = task_vector.model[part].float() - base
         if task_vector.cut is not None:
             delta = task_vector.cut.select(delta, part.start)
         if task_vector.scale is not None:
             delta = delta * task_vector.scale
-        weighted = delta.mul_(task_vector.weight)
-        total += weighted
-        weighted_vectors.append(weighted)
-    # The elected sign, +1 or -1 (a zero sum counts as +).
-    elected = torch.sign(total).neg_().relu_().mul_(-2.0).add_(1.0)
-    mixed = torch.zeros_like(base)
-    divisor = torch.zeros_like(base)
-    for task_vector, weighted in zip(task_vectors, weighted_vectors):
-        # 1 where the entry's sign agrees with the elected one, 0 elsewhere (zeros never agree).
-        agrees = torch.sign(weighted).mul_(elected).relu_()
-        mixed += weighted.mul_(agrees)
-        divisor.add_(agrees, alpha=task_vector.weight)
-    if normalize:
-        # No agreeing entry: divide by 1 instead of 0.
-        mixed /= divisor.add_(torch.sign(divisor).abs_().neg_().add_(1.0))
-    if scaling != 1.0:
-        mixed *= scaling
-    return mixed.add_(base)
+        weighted.append(delta.mul_(task_vector.weight))
+    weights = [task_vector.weight for task_vector in task_vectors]
+    return consensus_merge(base, weighted, weights, normalize=normalize, scaling=scaling)
