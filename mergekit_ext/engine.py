@@ -154,9 +154,11 @@ def _compute_threads(method: MergeMethod, device: torch.device) -> Iterator[None
     The kernels of elementwise methods and of methods taking stored dtypes work on
     cache-sized blocks. There torch's intra-op threads hardly speed up an operation,
     but they keep spinning on the cores that the reader and hashing threads need.
-    Measured on 2 cores (Qwen2-0.5B shapes, 4 models, warm page cache): TIES
-    26.7 s -> 19.2 s, task arithmetic 4.9-6.3 s -> 3.3-4.4 s. Other methods
-    (SVD-based, say) keep torch's setting.
+    Measured on 2 cores (Qwen2-0.5B shapes, 4 models, warm page cache): TIES took
+    27.5-29.0 s with them and 17.3 s without. Task arithmetic showed no clear
+    difference in three pairs of runs. Other methods (SVD-based, say) keep torch's setting.
+    NOTE: on a many-core machine one thread may leave TIES slower than it could be
+    (not measured).
     """
     if device.type != "cpu" or not (method.elementwise or method.stored_dtype_inputs):
         yield
@@ -421,7 +423,7 @@ def _units(plan: Sequence[_TensorPlan], method: MergeMethod, block_elements: int
 
 
 # Dtypes whose values float32 represents exactly, so a method converting them itself loses nothing.
-_NARROW_FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+_FLOAT32_EXACT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 def _load_one(unit: _Unit, checkpoint: Checkpoint, device: torch.device, keep_dtype: bool) -> torch.Tensor:
@@ -432,7 +434,7 @@ def _load_one(unit: _Unit, checkpoint: Checkpoint, device: torch.device, keep_dt
         tensor = tensor[: item.truncate_rows]
     if not item.mergeable:
         return tensor
-    dtype = tensor.dtype if keep_dtype and tensor.dtype in _NARROW_FLOAT_DTYPES else torch.float32
+    dtype = tensor.dtype if keep_dtype and tensor.dtype in _FLOAT32_EXACT_DTYPES else torch.float32
     tensor = tensor.to(device=device, dtype=dtype)
     if not _all_finite(tensor):
         raise InvalidTensorError(

@@ -192,13 +192,14 @@ def evaluate_mass_variants(
             features, prefix = model.router_features(batch, keep_prefix=keep_prefix)
             residuals = residual_norms(features, model.bases)
             weights = routing_weights(residuals, model.settings.temperature)
-            decisions = {v.label: RoutingDecision(residuals, weights, select_tasks(weights, settings[v.label])) for v in variants}
-            sets = {
-                v.label: [tuple(range(len(names)))] * batch.size
-                if v.shared_model
-                else model.task_sets_for(decisions[v.label], settings[v.label])
-                for v in variants
-            }
+            decisions: dict[str, RoutingDecision] = {}
+            sets: dict[str, list[TaskSet]] = {}
+            for v in variants:
+                decisions[v.label] = RoutingDecision(residuals, weights, select_tasks(weights, settings[v.label]))
+                if v.shared_model:
+                    sets[v.label] = [tuple(range(len(names)))] * batch.size
+                else:
+                    sets[v.label] = model.task_sets_for(decisions[v.label], settings[v.label])
             faithful = {v.label: sets[v.label] for v in variants if not (v.shared_model or v.reuse_prefix)}
             second_passes = _deduplicated_second_pass(model, batch, faithful)
             for variant in variants:
