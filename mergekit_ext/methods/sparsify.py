@@ -10,6 +10,8 @@ from typing import Protocol
 import torch
 from torch.nn import functional
 
+from mergekit_ext.methods import fused
+
 # Norms below this are treated as zero, so the rescale is skipped (mergekit 0.1.5 uses
 # the same threshold).
 RESCALE_EPSILON = 1e-7
@@ -158,6 +160,8 @@ def magnitude_cut(magnitudes: Magnitudes, density: float) -> MagnitudeCut | None
     if selection.at_or_above == keep_count:
         # No tie crosses the cut: the entries at or above the value are exactly the kept ones.
         return MagnitudeCut(selection.value, selection.above, total)
+    if selection.last_tie is not None:
+        return MagnitudeCut(selection.value, selection.above, selection.last_tie + 1)
     tie_end = _tie_end(magnitudes, selection, keep_count - selection.above)
     return MagnitudeCut(selection.value, selection.above, tie_end)
 
@@ -179,6 +183,7 @@ def _tie_end(magnitudes: Magnitudes, selection: Selection, tied: int) -> int:
 # Below this many entries torch.kthvalue is used directly.
 SAMPLED_SELECTION_MIN = 1 << 18
 SELECTION_SAMPLE = 1 << 16
+SELECTION_SAMPLE_MAX = 1 << 18
 # The bracket around the sample quantile spans this many standard errors on each side.
 # By the normal approximation, the k-th largest value falls outside it with a
 # probability near 1e-6. The result is exact either way, because a miss falls back to
@@ -196,10 +201,13 @@ class Selection:
     # Entries equal to the value in each block of `block_slices`, when a tie crosses
     # the cut and the sampled path counted them (None: not counted).
     equal_by_block: tuple[int, ...] | None = None
+    # The flat index of the last entry equal to the value among the `count` largest,
+    # when a tie crosses the cut and the fused kernels found it (None: not found).
+    last_tie: int | None = None
 
 
 def kth_largest(
-    values: torch.Tensor | Magnitudes, count: int, sample_size: int = SELECTION_SAMPLE
+    values: torch.Tensor | Magnitudes, count: int, sample_size: int | None = None
 ) -> Selection:
     """Return the `count`-th largest entry and the counts of entries above and at or above it.
 
@@ -209,10 +217,13 @@ def kth_largest(
     rank among the few entries inside it. That takes one pass over the blocks instead
     of torch.kthvalue's selection over all entries, about twice as fast on one CPU
     thread, and never holds more than a block and the bracket's entries. The result
-    is exact: when the bracket misses, it falls back to torch.kthvalue.
+    is exact: when the bracket misses, it falls back to torch.kthvalue. By default the
+    sample grows with the tensor (`selection_sample_size`).
     """
     source = StoredMagnitudes(values) if isinstance(values, torch.Tensor) else values
     total = source.numel()
+    if sample_size is None:
+        sample_size = selection_sample_size(total)
     if total < SAMPLED_SELECTION_MIN or sample_size >= total:
         return _full_selection(source, count)
 
@@ -230,8 +241,14 @@ def kth_largest(
     high_rank = min(sample_size, math.ceil((quantile + margin) * sample_size) + 1)
     low = torch.kthvalue(sample, low_rank).values
     high = torch.kthvalue(sample, high_rank).values
+    pair = _fused_pair(source)
     if bool(low == high):
+        if pair is not None:
+            return _fused_single_value(pair, source, count, low)
         return _single_value_band(source, count, low)
+    if pair is not None:
+        capacity = 2 * total * (high_rank - low_rank) // sample_size + fused.CHUNK
+        return _fused_band_selection(pair, source, count, float(low), float(high), capacity)
 
     above_band = 0
     bands = []
@@ -275,6 +292,56 @@ def _single_value_band(source: Magnitudes, count: int, value: torch.Tensor) -> S
     if not above < count <= at_or_above:
         return _full_selection(source, count)
     return Selection(value, above, at_or_above, None if at_or_above == count else tuple(equal_by_block))
+
+
+def selection_sample_size(total: int) -> int:
+    """Return the sample size for `total` entries: one in 512, between SELECTION_SAMPLE and SELECTION_SAMPLE_MAX.
+
+    The bracket's width falls with the square root of the sample, and with it the
+    number of entries that the pass collects: a 262144-entry sample (the 136M-entry
+    embedding table of Qwen2-0.5B) gives half the band of a 65536-entry one.
+    """
+    return min(max(SELECTION_SAMPLE, total >> 9), SELECTION_SAMPLE_MAX)
+
+
+def _fused_pair(source: Magnitudes) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Return (model, base) when the fused kernels can compute these magnitudes, else None."""
+    if isinstance(source, TaskVectorMagnitudes) and fused.accepts([source.model, source.base]):
+        return source.model, source.base
+    return None
+
+
+def _fused_band_selection(
+    pair: tuple[torch.Tensor, torch.Tensor], source: Magnitudes, count: int, low: float, high: float, capacity: int
+) -> Selection:
+    """Select with one fused pass that counts the entries above the band and collects those inside."""
+    band = fused.band(*pair, low, high, capacity)
+    if band is None:
+        return _full_selection(source, count)
+    needed = count - band.above
+    if not 0 < needed <= band.values.numel():
+        return _full_selection(source, count)
+    value = torch.kthvalue(band.values, band.values.numel() - needed + 1).values
+    above = band.above + int((band.values > value).sum())
+    at_or_above = band.above + int((band.values >= value).sum())
+    if at_or_above == count:
+        return Selection(value, above, at_or_above)
+    # The band contains every entry equal to the value, in flat order.
+    tied = band.positions[band.values == value]
+    return Selection(value, above, at_or_above, last_tie=int(tied[count - above - 1]))
+
+
+def _fused_single_value(
+    pair: tuple[torch.Tensor, torch.Tensor], source: Magnitudes, count: int, value: torch.Tensor
+) -> Selection:
+    """Select as `_single_value_band` does, with fused passes: one to count, and one to find the tie's end if needed."""
+    above, at_or_above = fused.count_from(*pair, float(value))
+    if not above < count <= at_or_above:
+        return _full_selection(source, count)
+    if at_or_above == count:
+        return Selection(value, above, at_or_above)
+    last_tie = fused.nth_equal_position(*pair, float(value), count - above)
+    return Selection(value, above, at_or_above, last_tie=last_tie)
 
 
 def _count_above(block: torch.Tensor, threshold: float) -> int:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 
+from mergekit_ext.methods import fused
 from mergekit_ext.methods.base import ParameterSpec, TensorMergeInput
 from mergekit_ext.methods.consensus import consensus_merge
 from mergekit_ext.methods.inputs import check_shapes, stored_base
@@ -23,6 +25,7 @@ from mergekit_ext.methods.sparsify import (
     TaskVectorMagnitudes,
     block_slices,
     cut_l1_rescale_factor,
+    float32_below,
     magnitude_cut,
 )
 
@@ -53,19 +56,30 @@ class TiesMethod:
         """Merge one tensor with magnitude trimming and sign consensus.
 
         Inputs may be in their stored dtype: the work runs over blocks converted to
-        float32 one at a time, so no float32 copy of a whole input is ever made.
+        float32 one at a time, so no float32 copy of a whole input is ever made. On
+        CPU, with bf16 or float32 inputs, the fused kernels (`fused`) do the same work
+        in one pass per model for the cut and one pass for the merge.
         """
         stored = stored_base(self.name, inputs)
         base = stored.reshape(-1)
         check_shapes(inputs)
         resolved = resolve_parameters(self.name, self.parameters, inputs)
-        task_vectors = []
-        for model, weight, density in zip(
-            inputs.models, resolved.model_values("weight"), resolved.model_values("density")
-        ):
-            task_vector = _selected_task_vector(model.reshape(-1), base, weight, density, resolved.flag("rescale"))
-            if task_vector is not None:
-                task_vectors.append(task_vector)
+        flat_models = [model.reshape(-1) for model in inputs.models]
+        selections = [
+            functools.partial(_selected_task_vector, model, base, weight, density, resolved.flag("rescale"))
+            for model, weight, density in zip(
+                flat_models, resolved.model_values("weight"), resolved.model_values("density")
+            )
+        ]
+        if not fused.accepts([base, *flat_models]):
+            task_vectors = [t for t in (select() for select in selections) if t is not None]
+        else:
+            # The fused kernels release the GIL, so the models' cuts are found side by side.
+            parallel = base.numel() >= fused.PARALLEL_MIN_ELEMENTS
+            found = fused.run_parallel(selections) if parallel else [select() for select in selections]
+            task_vectors = [t for t in found if t is not None]
+            merged = _fused_consensus(base, task_vectors, resolved.flag("normalize"), resolved.shared["lambda"])
+            return merged.reshape(stored.shape)
         merged = torch.empty(base.numel(), dtype=torch.float32, device=base.device)
         for part in block_slices(base.numel()):
             merged[part] = _consensus_block(
@@ -119,3 +133,26 @@ def _consensus_block(
         weighted.append(delta.mul_(task_vector.weight))
     weights = [task_vector.weight for task_vector in task_vectors]
     return consensus_merge(base, weighted, weights, normalize=normalize, scaling=scaling)
+
+
+def _fused_consensus(
+    base: torch.Tensor, task_vectors: list[_SelectedTaskVector], normalize: bool, scaling: float
+) -> torch.Tensor:
+    """Merge a whole flat tensor with the fused kernel: the same arithmetic as `_consensus_block`, in one pass."""
+    rules = [
+        fused.KeepRule.keep_all()
+        if task_vector.cut is None
+        else fused.KeepRule(
+            float(task_vector.cut.value), float32_below(float(task_vector.cut.value)), task_vector.cut.tie_end
+        )
+        for task_vector in task_vectors
+    ]
+    return fused.consensus(
+        base,
+        [task_vector.model for task_vector in task_vectors],
+        rules,
+        [1.0 if task_vector.scale is None else float(task_vector.scale) for task_vector in task_vectors],
+        [task_vector.weight for task_vector in task_vectors],
+        normalize=normalize,
+        scaling=scaling,
+    )

@@ -1,0 +1,185 @@
+"""The numba kernels behind `fused` (imported only through it, since importing numba costs 0.3 s).
+
+Inputs arrive as bit patterns: uint16 for bf16 (shift 16), uint32 for float32
+(shift 0). Every loop indexes a chunk view from 0, so that numba's wraparound check
+for negative indices drops out and the loops vectorize. Compiled code is cached on
+disk by numba (`cache=True`), so only the first run on a machine compiles.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+from mergekit_ext.methods.fused import CHUNK, GROUP
+
+
+@njit(inline="always")
+def _load(source, start, count, shift, bits):  # type: ignore[no-untyped-def]
+    chunk = source[start : start + count]
+    for k in range(count):
+        bits[k] = np.uint32(chunk[k]) << shift
+
+
+@njit(cache=True, nogil=True)
+def band(model, base, shift, low, high, values, positions):  # type: ignore[no-untyped-def]
+    total = base.shape[0]
+    capacity = values.shape[0] - GROUP
+    base_bits = np.empty(CHUNK, np.uint32)
+    model_bits = np.empty(CHUNK, np.uint32)
+    base_values = base_bits.view(np.float32)
+    model_values = model_bits.view(np.float32)
+    magnitudes = np.empty(CHUNK, np.float32)
+    members = np.empty(CHUNK // GROUP + 1, np.int64)
+    above = 0
+    count = 0
+    for start in range(0, total, CHUNK):
+        size = min(CHUNK, total - start)
+        _load(base, start, size, shift, base_bits)
+        _load(model, start, size, shift, model_bits)
+        # Count per group of GROUP entries (a fixed trip count, so the loop vectorizes),
+        # then collect from the groups that have members only.
+        groups = size // GROUP
+        inside = 0
+        for group in range(groups + 1):
+            first = group * GROUP
+            group_above = 0
+            group_inside = 0
+            if group < groups:
+                for k in range(GROUP):
+                    magnitude = abs(model_values[first + k] - base_values[first + k])
+                    magnitudes[first + k] = magnitude
+                    is_above = magnitude > high
+                    group_above += is_above
+                    group_inside += (magnitude >= low) & (not is_above)
+            else:
+                for k in range(first, size):
+                    magnitude = abs(model_values[k] - base_values[k])
+                    magnitudes[k] = magnitude
+                    is_above = magnitude > high
+                    group_above += is_above
+                    group_inside += (magnitude >= low) & (not is_above)
+            above += group_above
+            members[group] = group_inside
+            inside += group_inside
+        if inside == 0:
+            continue
+        if count + inside > capacity:
+            return above, -1
+        for group in range(groups + 1):
+            if members[group] == 0:
+                continue
+            first = group * GROUP
+            for k in range(first, min(first + GROUP, size)):
+                # Written unconditionally, kept by advancing the count: no branch to mispredict.
+                values[count] = magnitudes[k]
+                positions[count] = start + k
+                count += (magnitudes[k] >= low) & (magnitudes[k] <= high)
+    return above, count
+
+
+@njit(cache=True, nogil=True)
+def count_from(model, base, shift, value):  # type: ignore[no-untyped-def]
+    total = base.shape[0]
+    base_bits = np.empty(CHUNK, np.uint32)
+    model_bits = np.empty(CHUNK, np.uint32)
+    base_values = base_bits.view(np.float32)
+    model_values = model_bits.view(np.float32)
+    above = 0
+    at_or_above = 0
+    for start in range(0, total, CHUNK):
+        size = min(CHUNK, total - start)
+        _load(base, start, size, shift, base_bits)
+        _load(model, start, size, shift, model_bits)
+        for k in range(size):
+            magnitude = abs(model_values[k] - base_values[k])
+            above += magnitude > value
+            at_or_above += magnitude >= value
+    return above, at_or_above
+
+
+@njit(cache=True, nogil=True)
+def nth_equal(model, base, shift, value, n):  # type: ignore[no-untyped-def]
+    total = base.shape[0]
+    base_bits = np.empty(CHUNK, np.uint32)
+    model_bits = np.empty(CHUNK, np.uint32)
+    base_values = base_bits.view(np.float32)
+    model_values = model_bits.view(np.float32)
+    seen = 0
+    for start in range(0, total, CHUNK):
+        size = min(CHUNK, total - start)
+        _load(base, start, size, shift, base_bits)
+        _load(model, start, size, shift, model_bits)
+        equal = 0
+        for k in range(size):
+            equal += abs(model_values[k] - base_values[k]) == value
+        if seen + equal < n:
+            seen += equal
+            continue
+        for k in range(size):
+            seen += abs(model_values[k] - base_values[k]) == value
+            if seen == n:
+                return start + k
+    return -1
+
+
+@njit(cache=True, nogil=True)
+def consensus(  # type: ignore[no-untyped-def]
+    base, models, shift, thresholds, tie_thresholds, tie_ends, scales, weights, normalize, scaling, output
+):
+    total = base.shape[0]
+    model_count = len(models)
+    zero = np.float32(0.0)
+    plus = np.float32(1.0)
+    minus = np.float32(-1.0)
+    base_bits = np.empty(CHUNK, np.uint32)
+    model_bits = np.empty(CHUNK, np.uint32)
+    base_values = base_bits.view(np.float32)
+    model_values = model_bits.view(np.float32)
+    weighted = np.empty((model_count, CHUNK), np.float32)
+    summed = np.empty(CHUNK, np.float32)
+    signs = np.empty(CHUNK, np.float32)
+    mixed = np.empty(CHUNK, np.float32)
+    divisor = np.empty(CHUNK, np.float32)
+    for start in range(0, total, CHUNK):
+        size = min(CHUNK, total - start)
+        _load(base, start, size, shift, base_bits)
+        for k in range(size):
+            summed[k] = zero
+            mixed[k] = zero
+            divisor[k] = zero
+        for j in range(model_count):
+            _load(models[j], start, size, shift, model_bits)
+            row = weighted[j]
+            scale = scales[j]
+            weight = weights[j]
+            # Entries before the model's tie end are kept when tied with its cut.
+            split = min(max(tie_ends[j] - start, 0), size)
+            threshold = tie_thresholds[j]
+            for k in range(split):
+                delta = model_values[k] - base_values[k]
+                term = (delta if abs(delta) > threshold else zero) * scale * weight
+                row[k] = term
+                summed[k] += term
+            threshold = thresholds[j]
+            for k in range(split, size):
+                delta = model_values[k] - base_values[k]
+                term = (delta if abs(delta) > threshold else zero) * scale * weight
+                row[k] = term
+                summed[k] += term
+        for k in range(size):
+            # The elected sign: + where the sum is >= 0 (-0.0 included).
+            signs[k] = plus if summed[k] >= zero else minus
+        for j in range(model_count):
+            row = weighted[j]
+            weight = weights[j]
+            for k in range(size):
+                agrees = row[k] * signs[k] > zero
+                mixed[k] += row[k] if agrees else zero
+                divisor[k] += weight if agrees else zero
+        if normalize:
+            for k in range(size):
+                mixed[k] = mixed[k] / (plus if divisor[k] == zero else divisor[k])
+        chunk = output[start : start + size]
+        for k in range(size):
+            chunk[k] = mixed[k] * scaling + base_values[k]

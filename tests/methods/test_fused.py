@@ -1,0 +1,124 @@
+"""The fused numba kernels against the torch path and against direct torch computations."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mergekit_ext.methods import TensorMergeInput, fused, get_method
+from mergekit_ext.methods.sparsify import SAMPLED_SELECTION_MIN, TaskVectorMagnitudes, kth_largest
+
+
+def bf16_inputs(size: int, models: int, seed: int, steps: int = 6) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """A bf16 base and models whose task vectors lie on a coarse grid, so cuts fall inside ties."""
+    generator = torch.Generator().manual_seed(seed)
+    base = torch.randn(size, generator=generator).to(torch.bfloat16)
+    return base, [
+        (base.float() + torch.randint(-steps, steps + 1, (size,), generator=generator) / 64).to(torch.bfloat16)
+        for _ in range(models)
+    ]
+
+
+def ties(base: torch.Tensor, models: list[torch.Tensor], parameters: list[dict[str, float]], **shared: object) -> torch.Tensor:
+    return get_method("ties").merge(
+        TensorMergeInput(name="t", base=base, models=models, model_parameters=parameters, parameters=dict(shared), seed=0)
+    )
+
+
+def test_kernels_are_enabled_here() -> None:
+    # numba is a dependency: without it every test below would compare the torch path with itself.
+    assert fused.enabled()
+
+
+@pytest.mark.parametrize(
+    ("dtype", "density", "shared"),
+    [
+        (torch.bfloat16, 0.5, {}),
+        (torch.bfloat16, 0.1, {"lambda": 0.7, "rescale": True}),
+        (torch.bfloat16, 0.9, {"normalize": False}),
+        (torch.float32, 0.3, {"lambda": 1.3}),
+    ],
+)
+def test_fused_ties_equals_torch_path_to_the_bit(
+    monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype, density: float, shared: dict[str, object]
+) -> None:
+    # Above PARALLEL_MIN_ELEMENTS, so the selections run side by side and the merge in parts.
+    size = fused.PARALLEL_MIN_ELEMENTS + 3 * fused.CHUNK + 17
+    base, models = bf16_inputs(size, 4, seed=11)
+    base, models = base.to(dtype), [model.to(dtype) for model in models]
+    if dtype == torch.float32:
+        models = [model + torch.randn(size, generator=torch.Generator().manual_seed(i)) * 1e-3
+                  for i, model in enumerate(models)]
+    parameters = [{"weight": weight, "density": density} for weight in (0.3, 1.25, -0.75, 0.5)]
+    fast = ties(base, models, parameters, **shared)
+    monkeypatch.setenv(fused.KERNELS_ENV, "torch")
+    assert not fused.accepts([base])
+    slow = ties(base, models, parameters, **shared)
+    assert torch.equal(fast.view(torch.int32), slow.view(torch.int32))
+
+
+def test_band_matches_torch() -> None:
+    base, (model,) = bf16_inputs(50_000, 1, seed=3)
+    magnitudes = (model.float() - base.float()).abs()
+    low, high = 2 / 64, 4 / 64
+    band = fused.band(model, base, low, high, capacity=50_000)
+    assert band is not None
+    inside = (magnitudes >= low) & (magnitudes <= high)
+    assert band.above == int((magnitudes > high).sum())
+    assert torch.equal(band.positions, torch.nonzero(inside).squeeze(1))
+    assert torch.equal(band.values, magnitudes[inside])
+    assert fused.band(model, base, low, high, capacity=int(inside.sum()) - 1) is None
+
+
+def test_counts_and_nth_equal_match_torch() -> None:
+    base, (model,) = bf16_inputs(30_001, 1, seed=4)
+    magnitudes = (model.float() - base.float()).abs()
+    value = 3 / 64
+    assert fused.count_from(model, base, value) == (int((magnitudes > value).sum()), int((magnitudes >= value).sum()))
+    equal = torch.nonzero(magnitudes == value).squeeze(1)
+    assert fused.nth_equal_position(model, base, value, 1) == int(equal[0])
+    assert fused.nth_equal_position(model, base, value, equal.numel()) == int(equal[-1])
+    assert fused.nth_equal_position(model, base, value, equal.numel() + 1) == -1
+
+
+@pytest.mark.parametrize("steps", [1, 2000])
+def test_fused_selection_kth_and_last_tie(monkeypatch: pytest.MonkeyPatch, steps: int) -> None:
+    # One step: every |delta| is 0 or 1/64, so both sample quantiles are one value.
+    # 2000 steps: many values, still with ties from the bf16 rounding.
+    size = SAMPLED_SELECTION_MIN + 12_345
+    base, (model,) = bf16_inputs(size, 1, seed=steps, steps=steps)
+    magnitudes = (model.float() - base.float()).abs()
+    # Record which fused pass ran: counting for one step, the band otherwise.
+    calls: list[str] = []
+    for name in ("band", "count_from"):
+        kernel = getattr(fused, name)
+        monkeypatch.setattr(fused, name, lambda *args, _k=kernel, _n=name: calls.append(_n) or _k(*args))
+    for count in (1, size // 3, size // 2, size - 7):
+        selection = kth_largest(TaskVectorMagnitudes(model, base), count)
+        value = torch.sort(magnitudes, descending=True).values[count - 1]
+        assert torch.equal(selection.value, value)
+        assert selection.above == int((magnitudes > value).sum())
+        assert selection.at_or_above == int((magnitudes >= value).sum())
+        if selection.at_or_above > count:
+            tied = torch.nonzero(magnitudes == value).squeeze(1)
+            assert selection.last_tie == int(tied[count - selection.above - 1])
+    assert ("count_from" if steps == 1 else "band") in calls
+
+
+def test_accepts_supported_inputs_only() -> None:
+    flat = torch.zeros(8, dtype=torch.bfloat16)
+    assert fused.accepts([flat, flat.clone()])
+    assert not fused.accepts([flat, flat.float()])
+    assert not fused.accepts([flat.half()])
+    assert not fused.accepts([torch.zeros(8, 2, dtype=torch.bfloat16)[:, 0]])
+    assert not fused.accepts([])
+
+
+def test_split_covers_the_range_in_chunk_aligned_parts() -> None:
+    assert fused.split(10) == [slice(0, 10)]
+    total = fused.PARALLEL_MIN_ELEMENTS + 5
+    parts = fused.split(total)
+    assert parts[0].start == 0
+    assert parts[-1].stop == total
+    assert all(a.stop == b.start for a, b in zip(parts, parts[1:]))
+    assert all(part.start % fused.CHUNK == 0 for part in parts)
