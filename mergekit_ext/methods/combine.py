@@ -89,12 +89,16 @@ def _merge_block(
     for index, model in enumerate(models):
         torch.sub(model.float(), base, out=scratch)
         mixed.add_(apply_mask(scratch, masks[index], scales[index]), alpha=weights[index])
-    divisor = float(sum(weights))
-    if abs(divisor) < WEIGHT_SUM_EPSILON:
-        divisor = 1.0
-
     if normalize:
-        mixed /= divisor
+        mixed /= weight_sum_divisor(weights)
     if scaling != 1.0:
         mixed *= scaling
     return mixed.add_(base)
+
+
+def weight_sum_divisor(weights: Sequence[float]) -> float:
+    """Return the sum of the weights, or 1 where it is within WEIGHT_SUM_EPSILON of zero."""
+    divisor = float(sum(weights))
+    if abs(divisor) < WEIGHT_SUM_EPSILON:
+        return 1.0
+    return divisor

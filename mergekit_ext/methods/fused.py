@@ -163,6 +163,42 @@ def consensus(
     return output
 
 
+def task_arithmetic(
+    base: torch.Tensor,
+    models: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    *,
+    divisor: float | None,
+    scaling: float,
+) -> torch.Tensor:
+    """Return base + scaling * sum(w_i (x_i - base)) of flat inputs as float32, divided by `divisor` unless None.
+
+    The same computation as `combine.merge_task_vectors` without masks or sign
+    consensus, in one pass over the inputs.
+    """
+    kernels = _require()
+    output = torch.empty(base.numel(), dtype=torch.float32)
+    weight_values = np.array(weights, dtype=np.float32)
+    base_bits = _bits(base)
+    model_bits = tuple(_bits(model) for model in models)
+    output_values = output.numpy()
+
+    def merge_part(part: slice) -> None:
+        kernels.task_arithmetic(
+            base_bits[part],
+            tuple(bits[part] for bits in model_bits),
+            _shift(base),
+            weight_values,
+            divisor is not None,
+            np.float32(1.0 if divisor is None else divisor),
+            np.float32(scaling),
+            output_values[part],
+        )
+
+    run_parallel([functools.partial(merge_part, part) for part in split(base.numel())])
+    return output
+
+
 def split(total: int) -> list[slice]:
     """Split range(total) into one contiguous part per CPU core (one part for small tensors)."""
     parts = 1 if total < PARALLEL_MIN_ELEMENTS else max(1, os.cpu_count() or 1)

@@ -9,9 +9,21 @@ disk by numba (`cache=True`), so only the first run on a machine compiles.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
+from numba import njit, types
+from numba.extending import intrinsic
 
 from mergekit_ext.methods.fused import CHUNK, GROUP
+
+
+@intrinsic
+def _fma(typing_context, a, b, c):  # type: ignore[no-untyped-def]
+    # a * b + c rounded once, as torch's add with alpha computes it on CPU.
+    signature = types.float32(types.float32, types.float32, types.float32)
+
+    def generate(context, builder, signature, arguments):  # type: ignore[no-untyped-def]
+        return builder.fma(*arguments)
+
+    return signature, generate
 
 
 @njit(inline="always")
@@ -180,6 +192,34 @@ def consensus(  # type: ignore[no-untyped-def]
         if normalize:
             for k in range(size):
                 mixed[k] = mixed[k] / (plus if divisor[k] == zero else divisor[k])
+        chunk = output[start : start + size]
+        for k in range(size):
+            chunk[k] = mixed[k] * scaling + base_values[k]
+
+
+@njit(cache=True, nogil=True)
+def task_arithmetic(base, models, shift, weights, normalize, divisor, scaling, output):  # type: ignore[no-untyped-def]
+    total = base.shape[0]
+    model_count = len(models)
+    zero = np.float32(0.0)
+    base_bits = np.empty(CHUNK, np.uint32)
+    model_bits = np.empty(CHUNK, np.uint32)
+    base_values = base_bits.view(np.float32)
+    model_values = model_bits.view(np.float32)
+    mixed = np.empty(CHUNK, np.float32)
+    for start in range(0, total, CHUNK):
+        size = min(CHUNK, total - start)
+        _load(base, start, size, shift, base_bits)
+        for k in range(size):
+            mixed[k] = zero
+        for j in range(model_count):
+            _load(models[j], start, size, shift, model_bits)
+            weight = weights[j]
+            for k in range(size):
+                mixed[k] = _fma(model_values[k] - base_values[k], weight, mixed[k])
+        if normalize:
+            for k in range(size):
+                mixed[k] = mixed[k] / divisor
         chunk = output[start : start + size]
         for k in range(size):
             chunk[k] = mixed[k] * scaling + base_values[k]

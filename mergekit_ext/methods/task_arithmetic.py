@@ -6,9 +6,10 @@ from dataclasses import dataclass
 
 import torch
 
+from mergekit_ext.methods import fused
 from mergekit_ext.methods.base import ParameterSpec, TensorMergeInput
-from mergekit_ext.methods.combine import merge_task_vectors
-from mergekit_ext.methods.inputs import check_shapes, require_base
+from mergekit_ext.methods.combine import merge_task_vectors, weight_sum_divisor
+from mergekit_ext.methods.inputs import check_shapes, stored_base
 from mergekit_ext.methods.parameters import (
     INT8_MASK,
     LAMBDA,
@@ -41,14 +42,26 @@ class TaskArithmeticMethod:
 
     def merge(self, inputs: TensorMergeInput) -> torch.Tensor:
         """Merge one tensor by adding the weighted task vectors to the base."""
-        base = require_base(self.name, inputs)
+        stored = stored_base(self.name, inputs)
         check_shapes(inputs)
         resolved = resolve_parameters(self.name, self.parameters, inputs)
+        weights = resolved.model_values("weight")
+        flat_models = [model.reshape(-1) for model in inputs.models]
+        if flat_models and fused.accepts([stored.reshape(-1), *flat_models]):
+            # The torch path's arithmetic in one pass (see `merge_task_vectors`).
+            divisor = None
+            if resolved.flag("normalize"):
+                divisor = weight_sum_divisor(weights)
+            merged = fused.task_arithmetic(
+                stored.reshape(-1), flat_models, weights, divisor=divisor, scaling=resolved.shared["lambda"]
+            )
+            return merged.reshape(stored.shape)
+        base = stored.float()
         count = len(inputs.models)
         return merge_task_vectors(
             base,
             inputs.models,
-            resolved.model_values("weight"),
+            weights,
             masks=[None] * count,
             scales=[None] * count,
             sign_consensus=False,

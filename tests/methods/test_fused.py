@@ -122,3 +122,30 @@ def test_split_covers_the_range_in_chunk_aligned_parts() -> None:
     assert parts[-1].stop == total
     assert all(a.stop == b.start for a, b in zip(parts, parts[1:]))
     assert all(part.start % fused.CHUNK == 0 for part in parts)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "weights", "shared"),
+    [
+        (torch.bfloat16, (0.3, 1.25, -0.75, 0.5), {}),
+        (torch.bfloat16, (0.3, 0.7, 0.2), {"normalize": True, "lambda": 0.9}),
+        (torch.float32, (0.5, -0.5), {"normalize": True}),
+        (torch.float32, (0.1, 0.2, 0.3, 0.4), {"lambda": 1.7}),
+    ],
+)
+def test_fused_task_arithmetic_equals_torch_path(
+    monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype, weights: tuple[float, ...], shared: dict[str, object]
+) -> None:
+    # (0.5, -0.5) sums to zero, where normalizing divides by 1 instead.
+    size = fused.PARALLEL_MIN_ELEMENTS + fused.CHUNK + 5
+    base, models = bf16_inputs(size, len(weights), seed=12)
+    base, models = base.to(dtype), [model.to(dtype) for model in models]
+    merge_input = TensorMergeInput(
+        name="t", base=base, models=models, model_parameters=[{"weight": w} for w in weights],
+        parameters=dict(shared), seed=0,
+    )
+    fast = get_method("task_arithmetic").merge(merge_input)
+    monkeypatch.setenv(fused.KERNELS_ENV, "torch")
+    slow = get_method("task_arithmetic").merge(merge_input)
+    assert fast.dtype == torch.float32
+    assert torch.equal(fast.view(torch.int32), slow.view(torch.int32))
