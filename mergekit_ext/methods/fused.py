@@ -209,16 +209,12 @@ def split(total: int) -> list[slice]:
 
 
 def run_parallel(calls: Sequence[Callable[[], T]]) -> list[T]:
-    """Run the calls on the worker threads (the kernels release the GIL) and return their results in order."""
+    """Run the calls on worker threads (the kernels release the GIL) and return their results in order."""
     if len(calls) <= 1:
         return [call() for call in calls]
-    futures = [_workers().submit(call) for call in calls]
-    return [future.result() for future in futures]
-
-
-@functools.cache
-def _workers() -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1), thread_name_prefix="mergekit-ext-fused")
+    with ThreadPoolExecutor(max_workers=min(len(calls), os.cpu_count() or 1)) as workers:
+        futures = [workers.submit(call) for call in calls]
+        return [future.result() for future in futures]
 
 
 def _bits(tensor: torch.Tensor) -> np.ndarray:

@@ -341,6 +341,8 @@ def _fused_single_value(
     if at_or_above == count:
         return Selection(value, above, at_or_above)
     last_tie = fused.nth_equal_position(*pair, float(value), count - above)
+    if last_tie < 0:
+        raise AssertionError("fewer entries equal to the selected value than counted")
     return Selection(value, above, at_or_above, last_tie=last_tie)
 
 

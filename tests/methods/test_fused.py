@@ -149,3 +149,16 @@ def test_fused_task_arithmetic_equals_torch_path(
     slow = get_method("task_arithmetic").merge(merge_input)
     assert fast.dtype == torch.float32
     assert torch.equal(fast.view(torch.int32), slow.view(torch.int32))
+
+
+def test_missing_numba_keeps_torch_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    base, models = bf16_inputs(SAMPLED_SELECTION_MIN + 99, 2, seed=13)
+    parameters = [{"weight": 0.6, "density": 0.4}, {"weight": 0.4, "density": 0.4}]
+    fast = ties(base, models, parameters)
+    monkeypatch.setattr(fused, "_compiled", lambda: None)
+    assert not fused.enabled()
+    assert not fused.accepts([base])
+    slow = ties(base, models, parameters)
+    assert torch.equal(fast.view(torch.int32), slow.view(torch.int32))
+    with pytest.raises(RuntimeError, match="need numba"):
+        fused.count_from(models[0], base, 0.5)
