@@ -14,9 +14,9 @@ environment variable MERGEKIT_EXT_KERNELS=torch, keeps the torch path.
 
 Tensors of at least PARALLEL_MIN_ELEMENTS entries are split among the CPU cores:
 the models' selection passes run side by side, and the merge pass in one part per
-core. Measured on the development machine (2 cores, the 136M-entry embedding table of
-Qwen2-0.5B, 4 bf16 models, density 0.5): TIES took 0.8 to 1.6 s with these kernels
-and 4.4 to 4.6 s on the torch path (two runs each, outputs identical).
+core. Measured on the development machine with 2 cores: on the 136M-entry embedding
+table of Qwen2-0.5B (4 bf16 models, density 0.5), TIES took 0.8 to 1.6 s with these
+kernels and 4.4 to 4.6 s on the torch path. Both ran twice, with identical outputs.
 """
 
 from __future__ import annotations
@@ -37,6 +37,10 @@ T = TypeVar("T")
 # Entries converted and processed at a time: the chunk's float32 temporaries of a few
 # models stay in the first- and second-level caches.
 CHUNK = 2048
+# Smaller tensors keep the torch path, so merges of small models never load numba.
+# Loading it and its cached kernels costs about a second per process: a merge of
+# 5.5M entries in all ran about 1 s slower end to end with the kernels.
+MIN_ELEMENTS = 1 << 18
 # Tensors at least this large are split among the CPU cores. Below it, starting the
 # threads costs more than they save (an estimate, not measured).
 PARALLEL_MIN_ELEMENTS = 1 << 20
@@ -76,8 +80,12 @@ def enabled() -> bool:
 
 
 def accepts(tensors: Sequence[torch.Tensor]) -> bool:
-    """Return True when the fused kernels take these flat tensors: on CPU, contiguous, one dtype, bf16 or float32."""
-    if not tensors or not enabled():
+    """Return True when the fused kernels take these flat tensors.
+
+    They take MIN_ELEMENTS entries or more, on CPU, contiguous, all of one dtype (bf16
+    or float32).
+    """
+    if not tensors or tensors[0].numel() < MIN_ELEMENTS or not enabled():
         return False
     dtype = tensors[0].dtype
     return dtype in (torch.bfloat16, torch.float32) and all(
@@ -85,21 +93,24 @@ def accepts(tensors: Sequence[torch.Tensor]) -> bool:
     )
 
 
-def band(model: torch.Tensor, base: torch.Tensor, low: float, high: float, capacity: int) -> Band | None:
+def band(model: torch.Tensor, base: torch.Tensor, low: float, high: float, capacity: int) -> Band:
     """Count |model - base| above `high`, and collect the entries in [low, high] with their positions.
 
-    Returns None when more than `capacity` entries fall inside the band.
+    `capacity` is the expected number of entries in the band. When more fall inside
+    (ties at the bracket's ends, frequent with bf16 inputs), a second pass collects
+    them into buffers of the counted size.
     """
     kernels = _require()
-    values = torch.empty(capacity + GROUP, dtype=torch.float32)
-    positions = torch.empty(capacity + GROUP, dtype=torch.int64)
-    above, count = kernels.band(
-        _bits(model), _bits(base), _shift(base), np.float32(low), np.float32(high),
-        values.numpy(), positions.numpy(),
-    )
-    if count < 0:
-        return None
-    return Band(int(above), values[:count], positions[:count])
+    while True:
+        values = torch.empty(capacity + GROUP, dtype=torch.float32)
+        positions = torch.empty(capacity + GROUP, dtype=torch.int64)
+        above, count, inside = kernels.band(
+            _bits(model), _bits(base), _shift(base), np.float32(low), np.float32(high),
+            values.numpy(), positions.numpy(),
+        )
+        if inside <= capacity:
+            return Band(int(above), values[:count], positions[:count])
+        capacity = int(inside)
 
 
 def count_from(model: torch.Tensor, base: torch.Tensor, value: float) -> tuple[int, int]:

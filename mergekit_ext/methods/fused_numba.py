@@ -45,6 +45,7 @@ def band(model, base, shift, low, high, values, positions):  # type: ignore[no-u
     members = np.empty(CHUNK // GROUP + 1, np.int64)
     above = 0
     count = 0
+    inside_total = 0
     for start in range(0, total, CHUNK):
         size = min(CHUNK, total - start)
         _load(base, start, size, shift, base_bits)
@@ -74,10 +75,10 @@ def band(model, base, shift, low, high, values, positions):  # type: ignore[no-u
             above += group_above
             members[group] = group_inside
             inside += group_inside
-        if inside == 0:
+        inside_total += inside
+        if inside == 0 or inside_total > capacity:
+            # Past the capacity only counting goes on, so the caller learns the size it needs.
             continue
-        if count + inside > capacity:
-            return above, -1
         for group in range(groups + 1):
             if members[group] == 0:
                 continue
@@ -87,7 +88,7 @@ def band(model, base, shift, low, high, values, positions):  # type: ignore[no-u
                 values[count] = magnitudes[k]
                 positions[count] = start + k
                 count += (magnitudes[k] >= low) & (magnitudes[k] <= high)
-    return above, count
+    return above, count, inside_total
 
 
 @njit(cache=True, nogil=True)

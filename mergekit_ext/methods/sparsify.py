@@ -316,8 +316,6 @@ def _fused_band_selection(
 ) -> Selection:
     """Select with one fused pass that counts the entries above the band and collects those inside."""
     band = fused.band(*pair, low, high, capacity)
-    if band is None:
-        return _full_selection(source, count)
     needed = count - band.above
     if not 0 < needed <= band.values.numel():
         return _full_selection(source, count)

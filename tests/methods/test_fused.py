@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mergekit_ext.methods import TensorMergeInput, fused, get_method
-from mergekit_ext.methods.sparsify import SAMPLED_SELECTION_MIN, TaskVectorMagnitudes, kth_largest
+from mergekit_ext.methods.sparsify import TaskVectorMagnitudes, kth_largest, magnitude_cut
 
 
 def bf16_inputs(size: int, models: int, seed: int, steps: int = 6) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -19,10 +19,13 @@ def bf16_inputs(size: int, models: int, seed: int, steps: int = 6) -> tuple[torc
     ]
 
 
-def ties(base: torch.Tensor, models: list[torch.Tensor], parameters: list[dict[str, float]], **shared: object) -> torch.Tensor:
-    return get_method("ties").merge(
-        TensorMergeInput(name="t", base=base, models=models, model_parameters=parameters, parameters=dict(shared), seed=0)
+def ties(
+    base: torch.Tensor, models: list[torch.Tensor], parameters: list[dict[str, float]], **shared: object
+) -> torch.Tensor:
+    merge_input = TensorMergeInput(
+        name="t", base=base, models=models, model_parameters=parameters, parameters=dict(shared), seed=0
     )
+    return get_method("ties").merge(merge_input)
 
 
 def test_kernels_are_enabled_here() -> None:
@@ -61,13 +64,13 @@ def test_band_matches_torch() -> None:
     base, (model,) = bf16_inputs(50_000, 1, seed=3)
     magnitudes = (model.float() - base.float()).abs()
     low, high = 2 / 64, 4 / 64
-    band = fused.band(model, base, low, high, capacity=50_000)
-    assert band is not None
     inside = (magnitudes >= low) & (magnitudes <= high)
-    assert band.above == int((magnitudes > high).sum())
-    assert torch.equal(band.positions, torch.nonzero(inside).squeeze(1))
-    assert torch.equal(band.values, magnitudes[inside])
-    assert fused.band(model, base, low, high, capacity=int(inside.sum()) - 1) is None
+    # Capacity to spare, and too little: a second pass then collects what the first counted.
+    for capacity in (50_000, int(inside.sum()) // 3):
+        band = fused.band(model, base, low, high, capacity=capacity)
+        assert band.above == int((magnitudes > high).sum())
+        assert torch.equal(band.positions, torch.nonzero(inside).squeeze(1))
+        assert torch.equal(band.values, magnitudes[inside])
 
 
 def test_counts_and_nth_equal_match_torch() -> None:
@@ -85,7 +88,7 @@ def test_counts_and_nth_equal_match_torch() -> None:
 def test_fused_selection_kth_and_last_tie(monkeypatch: pytest.MonkeyPatch, steps: int) -> None:
     # One step: every |delta| is 0 or 1/64, so both sample quantiles are one value.
     # 2000 steps: many values, still with ties from the bf16 rounding.
-    size = SAMPLED_SELECTION_MIN + 12_345
+    size = fused.MIN_ELEMENTS + 12_345
     base, (model,) = bf16_inputs(size, 1, seed=steps, steps=steps)
     magnitudes = (model.float() - base.float()).abs()
     # Record which fused pass ran: counting for one step, the band otherwise.
@@ -99,18 +102,27 @@ def test_fused_selection_kth_and_last_tie(monkeypatch: pytest.MonkeyPatch, steps
         assert torch.equal(selection.value, value)
         assert selection.above == int((magnitudes > value).sum())
         assert selection.at_or_above == int((magnitudes >= value).sum())
-        if selection.at_or_above > count:
-            tied = torch.nonzero(magnitudes == value).squeeze(1)
+        tied = torch.nonzero(magnitudes == value).squeeze(1)
+        if selection.last_tie is not None:
             assert selection.last_tie == int(tied[count - selection.above - 1])
+        # The cut keeps the first tied entries in flat order, whichever path found the value.
+        density = count / size
+        cut = magnitude_cut(TaskVectorMagnitudes(model, base), density)
+        assert cut is not None
+        keep = max(1, int(density * size))
+        expected = torch.zeros(size, dtype=torch.bool)
+        expected[torch.sort(magnitudes, descending=True, stable=True).indices[:keep]] = True
+        assert torch.equal(cut.mask(magnitudes), expected)
     assert ("count_from" if steps == 1 else "band") in calls
 
 
 def test_accepts_supported_inputs_only() -> None:
-    flat = torch.zeros(8, dtype=torch.bfloat16)
+    flat = torch.zeros(fused.MIN_ELEMENTS, dtype=torch.bfloat16)
     assert fused.accepts([flat, flat.clone()])
     assert not fused.accepts([flat, flat.float()])
     assert not fused.accepts([flat.half()])
-    assert not fused.accepts([torch.zeros(8, 2, dtype=torch.bfloat16)[:, 0]])
+    assert not fused.accepts([torch.zeros(fused.MIN_ELEMENTS, 2, dtype=torch.bfloat16)[:, 0]])
+    assert not fused.accepts([flat[: fused.MIN_ELEMENTS - 1]])
     assert not fused.accepts([])
 
 
@@ -152,7 +164,7 @@ def test_fused_task_arithmetic_equals_torch_path(
 
 
 def test_missing_numba_keeps_torch_path(monkeypatch: pytest.MonkeyPatch) -> None:
-    base, models = bf16_inputs(SAMPLED_SELECTION_MIN + 99, 2, seed=13)
+    base, models = bf16_inputs(fused.MIN_ELEMENTS + 99, 2, seed=13)
     parameters = [{"weight": 0.6, "density": 0.4}, {"weight": 0.4, "density": 0.4}]
     fast = ties(base, models, parameters)
     monkeypatch.setattr(fused, "_compiled", lambda: None)
