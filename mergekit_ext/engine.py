@@ -37,6 +37,7 @@ from mergekit_ext.device import resolve_device
 from mergekit_ext.errors import IncompatibleModelsError, InvalidTensorError, RecipeError
 from mergekit_ext.methods import METHODS, get_method
 from mergekit_ext.methods.base import MergeMethod, TensorMergeInput
+from mergekit_ext.methods.parameters import checked_value
 from mergekit_ext.zoo.references import PREFIX, display_name, resolve_model_reference
 from mergekit_ext.recipe import ModelEntry, Recipe, layer_index, layer_position, resolve_value
 
@@ -234,10 +235,19 @@ def _plan(
         mergeable = info.dtype.is_floating_point
         t = layer_position(name, num_layers)
         model_parameters = [
-            _resolve_parameters(method, [entry.parameters, recipe.parameters], name, t, per_model=True)
-            for entry in entries
+            _resolve_parameters(
+                method,
+                [entry.parameters, recipe.parameters],
+                name,
+                t,
+                per_model=True,
+                where=f"model {index}, tensor {name}",
+            )
+            for index, entry in enumerate(entries)
         ]
-        parameters = _resolve_parameters(method, [recipe.parameters], name, t, per_model=False)
+        parameters = _resolve_parameters(
+            method, [recipe.parameters], name, t, per_model=False, where=f"tensor {name}"
+        )
         dtype = (out_dtype or info.dtype) if mergeable else info.dtype
         plan.append(
             _TensorPlan(
@@ -304,11 +314,13 @@ def _resolve_parameters(
     name: str,
     t: float,
     per_model: bool,
+    where: str,
 ) -> dict[str, float]:
     """Resolve the method's parameters for one tensor; the first source that sets a value wins.
 
     Per-model parameters look in the model entry, then in the top-level parameters (as
-    mergekit does), then take the method default.
+    mergekit does), then take the method default. Values are range-checked here, so a
+    bad value fails before anything is written; `where` names the model and tensor.
     """
     resolved: dict[str, float] = {}
     for spec in method.parameters:
@@ -324,7 +336,7 @@ def _resolve_parameters(
             value = spec.default
         if value is None:
             raise RecipeError(f"method {method.name!r} needs parameter {spec.name!r} ({spec.description})")
-        resolved[spec.name] = value
+        resolved[spec.name] = checked_value(method.name, spec, value, where)
     return resolved
 
 
@@ -516,7 +528,8 @@ def _stream(
             del base, models, loaded
             if writing is not None:
                 writing.result()  # at most one output unit waits to be written
-            writing = write_pool.submit(writer.write, unit.item.name, merged, None if unit.rows is None else unit.rows[0])
+            row_start = None if unit.rows is None else unit.rows[0]
+            writing = write_pool.submit(writer.write, unit.item.name, merged, row_start)
             del merged
             if unit.completes_tensor:
                 tensors_done += 1

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 from mergekit_ext.errors import RecipeError
 from mergekit_ext.methods.base import ParameterSpec, TensorMergeInput
@@ -104,6 +105,11 @@ def _lookup(
             f"Set it in the recipe"
         )
 
+    return checked_value(method_name, spec, value, where)
+
+
+def checked_value(method_name: str, spec: ParameterSpec, value: Any, where: str) -> float:
+    """Return `value` as a float, or raise `RecipeError` when it is not finite, not a flag or out of range."""
     value = float(value)
     prefix = f"parameter {spec.name!r} of merge method {method_name!r} is {value} ({where})"
     if not math.isfinite(value):

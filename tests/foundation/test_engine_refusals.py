@@ -171,3 +171,28 @@ def test_other_methods_parameter_is_ignored(tiny_models: ModelFactory, tmp_path:
     without_density = load_file(str(tmp_path / "without" / "model.safetensors"))
     for name, tensor in with_density.items():
         assert torch.equal(tensor, without_density[name]), name
+
+
+def test_out_of_range_density_fails_in_planning(tiny_models: ModelFactory, tmp_path: Path) -> None:
+    base, first, second = tiny_models(3)
+    recipe = parse_recipe(
+        {
+            "merge_method": "ties",
+            "base_model": str(base),
+            "models": [{"model": str(first)}, {"model": str(second), "parameters": {"density": 1.5}}],
+        }
+    )
+    progress_calls: list[int] = []
+
+    def progress(done: int, total: int, name: str) -> None:
+        progress_calls.append(done)
+
+    with pytest.raises(RecipeError) as error:
+        run_recipe(recipe, MergeOptions(output=tmp_path / "out"), progress=progress)
+    message = str(error.value)
+    assert "'density'" in message
+    assert "model 1" in message
+    assert "at most 1.0" in message
+    # Planning fails before the merge reports any progress.
+    assert progress_calls == []
+    assert_no_output(tmp_path)
