@@ -142,36 +142,31 @@ def consensus(
     in one pass over the inputs.
     """
     kernels = _require()
-    output = torch.empty(base.numel(), dtype=torch.float32)
     if not models:
-        return output.copy_(base)
+        return base.to(torch.float32, copy=True)
     thresholds = np.array([rule.threshold for rule in rules], dtype=np.float32)
     tie_thresholds = np.array([rule.tie_threshold for rule in rules], dtype=np.float32)
     tie_ends = np.array([rule.tie_end for rule in rules], dtype=np.int64)
     scale_values = np.array(scales, dtype=np.float32)
     weight_values = np.array(weights, dtype=np.float32)
-    base_bits = _bits(base)
-    model_bits = tuple(_bits(model) for model in models)
-    output_values = output.numpy()
 
-    def merge_part(part: slice) -> None:
-        # Each part is merged on its own: positions are relative to its start.
+    def merge_part(base_bits: np.ndarray, model_bits: tuple[np.ndarray, ...], output: np.ndarray, start: int) -> None:
+        # Tie ends are flat positions, so they move with the part's start.
         kernels.consensus(
-            base_bits[part],
-            tuple(bits[part] for bits in model_bits),
+            base_bits,
+            model_bits,
             _shift(base),
             thresholds,
             tie_thresholds,
-            tie_ends - part.start,
+            tie_ends - start,
             scale_values,
             weight_values,
             normalize,
             np.float32(scaling),
-            output_values[part],
+            output,
         )
 
-    run_parallel([functools.partial(merge_part, part) for part in split(base.numel())])
-    return output
+    return _merge_in_parts(base, models, merge_part)
 
 
 def task_arithmetic(
@@ -188,25 +183,40 @@ def task_arithmetic(
     consensus, in one pass over the inputs.
     """
     kernels = _require()
-    output = torch.empty(base.numel(), dtype=torch.float32)
     weight_values = np.array(weights, dtype=np.float32)
-    base_bits = _bits(base)
-    model_bits = tuple(_bits(model) for model in models)
-    output_values = output.numpy()
 
-    def merge_part(part: slice) -> None:
+    def merge_part(base_bits: np.ndarray, model_bits: tuple[np.ndarray, ...], output: np.ndarray, start: int) -> None:
         kernels.task_arithmetic(
-            base_bits[part],
-            tuple(bits[part] for bits in model_bits),
+            base_bits,
+            model_bits,
             _shift(base),
             weight_values,
             divisor is not None,
             np.float32(1.0 if divisor is None else divisor),
             np.float32(scaling),
-            output_values[part],
+            output,
         )
 
-    run_parallel([functools.partial(merge_part, part) for part in split(base.numel())])
+    return _merge_in_parts(base, models, merge_part)
+
+
+def _merge_in_parts(
+    base: torch.Tensor,
+    models: Sequence[torch.Tensor],
+    merge_part: Callable[[np.ndarray, tuple[np.ndarray, ...], np.ndarray, int], None],
+) -> torch.Tensor:
+    """Return a float32 output that `merge_part(base, models, output, start)` fills part by part, side by side."""
+    output = torch.empty(base.numel(), dtype=torch.float32)
+    base_bits = _bits(base)
+    model_bits = tuple(_bits(model) for model in models)
+    output_values = output.numpy()
+    calls = [
+        functools.partial(
+            merge_part, base_bits[part], tuple(bits[part] for bits in model_bits), output_values[part], part.start
+        )
+        for part in split(base.numel())
+    ]
+    run_parallel(calls)
     return output
 
 

@@ -33,14 +33,19 @@ def _load(source, start, count, shift, bits):  # type: ignore[no-untyped-def]
         bits[k] = np.uint32(chunk[k]) << shift
 
 
+@njit(inline="always")
+def _chunk_buffers():  # type: ignore[no-untyped-def]
+    # Bit buffers for one chunk of the base and of a model, and their float32 views.
+    base_bits = np.empty(CHUNK, np.uint32)
+    model_bits = np.empty(CHUNK, np.uint32)
+    return base_bits, model_bits, base_bits.view(np.float32), model_bits.view(np.float32)
+
+
 @njit(cache=True, nogil=True)
 def band(model, base, shift, low, high, values, positions):  # type: ignore[no-untyped-def]
     total = base.shape[0]
     capacity = values.shape[0] - GROUP
-    base_bits = np.empty(CHUNK, np.uint32)
-    model_bits = np.empty(CHUNK, np.uint32)
-    base_values = base_bits.view(np.float32)
-    model_values = model_bits.view(np.float32)
+    base_bits, model_bits, base_values, model_values = _chunk_buffers()
     magnitudes = np.empty(CHUNK, np.float32)
     members = np.empty(CHUNK // GROUP + 1, np.int64)
     above = 0
@@ -94,10 +99,7 @@ def band(model, base, shift, low, high, values, positions):  # type: ignore[no-u
 @njit(cache=True, nogil=True)
 def count_from(model, base, shift, value):  # type: ignore[no-untyped-def]
     total = base.shape[0]
-    base_bits = np.empty(CHUNK, np.uint32)
-    model_bits = np.empty(CHUNK, np.uint32)
-    base_values = base_bits.view(np.float32)
-    model_values = model_bits.view(np.float32)
+    base_bits, model_bits, base_values, model_values = _chunk_buffers()
     above = 0
     at_or_above = 0
     for start in range(0, total, CHUNK):
@@ -114,10 +116,7 @@ def count_from(model, base, shift, value):  # type: ignore[no-untyped-def]
 @njit(cache=True, nogil=True)
 def nth_equal(model, base, shift, value, n):  # type: ignore[no-untyped-def]
     total = base.shape[0]
-    base_bits = np.empty(CHUNK, np.uint32)
-    model_bits = np.empty(CHUNK, np.uint32)
-    base_values = base_bits.view(np.float32)
-    model_values = model_bits.view(np.float32)
+    base_bits, model_bits, base_values, model_values = _chunk_buffers()
     seen = 0
     for start in range(0, total, CHUNK):
         size = min(CHUNK, total - start)
@@ -145,10 +144,7 @@ def consensus(  # type: ignore[no-untyped-def]
     zero = np.float32(0.0)
     plus = np.float32(1.0)
     minus = np.float32(-1.0)
-    base_bits = np.empty(CHUNK, np.uint32)
-    model_bits = np.empty(CHUNK, np.uint32)
-    base_values = base_bits.view(np.float32)
-    model_values = model_bits.view(np.float32)
+    base_bits, model_bits, base_values, model_values = _chunk_buffers()
     weighted = np.empty((model_count, CHUNK), np.float32)
     summed = np.empty(CHUNK, np.float32)
     signs = np.empty(CHUNK, np.float32)
@@ -203,10 +199,7 @@ def task_arithmetic(base, models, shift, weights, normalize, divisor, scaling, o
     total = base.shape[0]
     model_count = len(models)
     zero = np.float32(0.0)
-    base_bits = np.empty(CHUNK, np.uint32)
-    model_bits = np.empty(CHUNK, np.uint32)
-    base_values = base_bits.view(np.float32)
-    model_values = model_bits.view(np.float32)
+    base_bits, model_bits, base_values, model_values = _chunk_buffers()
     mixed = np.empty(CHUNK, np.float32)
     for start in range(0, total, CHUNK):
         size = min(CHUNK, total - start)
