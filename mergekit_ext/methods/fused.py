@@ -222,18 +222,25 @@ def _merge_in_parts(
 
 def split(total: int) -> list[slice]:
     """Split range(total) into one contiguous part per CPU core (one part for small tensors)."""
-    parts = 1 if total < PARALLEL_MIN_ELEMENTS else max(1, os.cpu_count() or 1)
+    parts = 1 if total < PARALLEL_MIN_ELEMENTS else usable_cores()
     step = -(-total // parts) if total else 1
     # Part boundaries on chunk boundaries keep every part's chunks whole.
     step = -(-step // CHUNK) * CHUNK
     return [slice(start, min(start + step, total)) for start in range(0, total, step)] or [slice(0, 0)]
 
 
+def usable_cores() -> int:
+    """Return the number of CPU cores this process may run on (its affinity mask where the OS has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return max(1, os.cpu_count() or 1)
+
+
 def run_parallel(calls: Sequence[Callable[[], T]]) -> list[T]:
     """Run the calls on worker threads (the kernels release the GIL) and return their results in order."""
     if len(calls) <= 1:
         return [call() for call in calls]
-    with ThreadPoolExecutor(max_workers=min(len(calls), os.cpu_count() or 1)) as workers:
+    with ThreadPoolExecutor(max_workers=min(len(calls), usable_cores())) as workers:
         futures = [workers.submit(call) for call in calls]
         return [future.result() for future in futures]
 

@@ -126,10 +126,12 @@ def test_accepts_supported_inputs_only() -> None:
     assert not fused.accepts([])
 
 
-def test_split_covers_the_range_in_chunk_aligned_parts() -> None:
+def test_split_covers_the_range_in_chunk_aligned_parts(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(fused, "usable_cores", lambda: 3)
     assert fused.split(10) == [slice(0, 10)]
     total = fused.PARALLEL_MIN_ELEMENTS + 5
     parts = fused.split(total)
+    assert len(parts) == 3
     assert parts[0].start == 0
     assert parts[-1].stop == total
     assert all(a.stop == b.start for a, b in zip(parts, parts[1:]))
