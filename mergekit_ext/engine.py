@@ -514,8 +514,8 @@ def _stream(
                 in_flight += size
                 position += 1
 
+        read_ahead()
         for _ in range(len(units)):
-            read_ahead()
             unit, futures = pending.popleft()
             in_flight -= unit_bytes(unit)
             # Refill the window before merging, so the disk keeps reading while a large

@@ -1,9 +1,10 @@
-"""Fused CPU kernels for TIES, compiled with numba.
+"""Fused CPU kernels for TIES and task arithmetic, compiled with numba.
 
 A torch operation makes one pass over memory, so the TIES selection and sign
 election cost a dozen passes per model and entry. These kernels make one pass per
-step instead: a selection pass per model (|model - base|, counting and collecting
-the entries near the cut) and one merge pass over all models. They work on chunks
+step instead: for TIES a selection pass per model (|model - base|, counting and
+collecting the entries near the cut) and one merge pass over all models, and for
+task arithmetic one merge pass. They work on chunks
 of 2048 entries held in the CPU caches, converting bf16 inputs as they go.
 
 The arithmetic is the torch path's, operation by operation in float32. numba does

@@ -25,7 +25,6 @@ from mergekit_ext.methods.sparsify import (
     TaskVectorMagnitudes,
     block_slices,
     cut_l1_rescale_factor,
-    float32_below,
     magnitude_cut,
 )
 
@@ -71,13 +70,14 @@ class TiesMethod:
                 flat_models, resolved.model_values("weight"), resolved.model_values("density")
             )
         ]
-        if not fused.accepts([base, *flat_models]):
-            task_vectors = [t for t in (select() for select in selections) if t is not None]
-        else:
+        use_fused = fused.accepts([base, *flat_models])
+        if use_fused and base.numel() >= fused.PARALLEL_MIN_ELEMENTS:
             # The fused kernels release the GIL, so the models' cuts are found side by side.
-            parallel = base.numel() >= fused.PARALLEL_MIN_ELEMENTS
-            found = fused.run_parallel(selections) if parallel else [select() for select in selections]
-            task_vectors = [t for t in found if t is not None]
+            found = fused.run_parallel(selections)
+        else:
+            found = [select() for select in selections]
+        task_vectors = [task_vector for task_vector in found if task_vector is not None]
+        if use_fused:
             merged = _fused_consensus(base, task_vectors, resolved.flag("normalize"), resolved.shared["lambda"])
             return merged.reshape(stored.shape)
         merged = torch.empty(base.numel(), dtype=torch.float32, device=base.device)
@@ -139,14 +139,13 @@ def _fused_consensus(
     base: torch.Tensor, task_vectors: list[_SelectedTaskVector], normalize: bool, scaling: float
 ) -> torch.Tensor:
     """Merge a whole flat tensor with the fused kernel: the same arithmetic as `_consensus_block`, in one pass."""
-    rules = [
-        fused.KeepRule.keep_all()
-        if task_vector.cut is None
-        else fused.KeepRule(
-            float(task_vector.cut.value), float32_below(float(task_vector.cut.value)), task_vector.cut.tie_end
-        )
-        for task_vector in task_vectors
-    ]
+    rules = []
+    for task_vector in task_vectors:
+        if task_vector.cut is None:
+            rules.append(fused.KeepRule.keep_all())
+        else:
+            threshold, tie_threshold = task_vector.cut.thresholds()
+            rules.append(fused.KeepRule(threshold, tie_threshold, task_vector.cut.tie_end))
     return fused.consensus(
         base,
         [task_vector.model for task_vector in task_vectors],
