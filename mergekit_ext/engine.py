@@ -527,7 +527,8 @@ def _stream(
             merged = _merge_one(unit.item, base, models, method, options.seed)
             del base, models, loaded
             if writing is not None:
-                writing.result()  # at most one output unit waits to be written
+                # At most one output unit waits to be written.
+                writing.result()
             row_start = None if unit.rows is None else unit.rows[0]
             writing = write_pool.submit(writer.write, unit.item.name, merged, row_start)
             del merged

@@ -261,7 +261,10 @@ def _shift(tensor: torch.Tensor) -> np.uint32:
 def _require() -> ModuleType:
     kernels = _compiled()
     if kernels is None:
-        raise RuntimeError("the fused kernels need numba; install it or set MERGEKIT_EXT_KERNELS=torch")
+        raise RuntimeError(
+            "the fused kernels need numba, which is not installed: run pip install numba, "
+            "or set MERGEKIT_EXT_KERNELS=torch"
+        )
     return kernels
 
 

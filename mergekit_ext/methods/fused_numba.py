@@ -1,4 +1,4 @@
-"""The numba kernels behind `fused` (imported only through it, since importing numba costs 0.3 s).
+"""The numba kernels behind `fused` (imported only through it, since importing numba takes about 0.3 s).
 
 Inputs arrive as bit patterns: uint16 for bf16 (shift 16), uint32 for float32
 (shift 0). Every loop indexes a chunk view from 0, so that numba's wraparound check
@@ -17,7 +17,7 @@ from mergekit_ext.methods.fused import CHUNK, GROUP
 
 @intrinsic
 def _fma(typing_context, a, b, c):  # type: ignore[no-untyped-def]
-    # a * b + c rounded once, as torch's add with alpha computes it on CPU.
+    # This computes a * b + c with one rounding, as torch's add with alpha does on CPU.
     signature = types.float32(types.float32, types.float32, types.float32)
 
     def generate(context, builder, signature, arguments):  # type: ignore[no-untyped-def]

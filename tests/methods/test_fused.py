@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import pytest
 import torch
 
@@ -28,6 +31,16 @@ def ties(
     return get_method("ties").merge(merge_input)
 
 
+def recording(function: Callable[..., Any], name: str, calls: list[str]) -> Callable[..., Any]:
+    """Wrap `function` so that each call appends `name` to `calls`."""
+
+    def wrapper(*args: Any) -> Any:
+        calls.append(name)
+        return function(*args)
+
+    return wrapper
+
+
 def test_kernels_are_enabled_here() -> None:
     # numba is a dependency: without it every test below would compare the torch path with itself.
     assert fused.enabled()
@@ -42,7 +55,7 @@ def test_kernels_are_enabled_here() -> None:
         (torch.float32, 0.3, {"lambda": 1.3}),
     ],
 )
-def test_fused_ties_equals_torch_path_to_the_bit(
+def test_fused_ties_matches_torch_bitwise(
     monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype, density: float, shared: dict[str, object]
 ) -> None:
     # Above PARALLEL_MIN_ELEMENTS, so the selections run side by side and the merge in parts.
@@ -94,8 +107,7 @@ def test_fused_selection_kth_and_last_tie(monkeypatch: pytest.MonkeyPatch, steps
     # Record which fused pass ran: counting for one step, the band otherwise.
     calls: list[str] = []
     for name in ("band", "count_from"):
-        kernel = getattr(fused, name)
-        monkeypatch.setattr(fused, name, lambda *args, _k=kernel, _n=name: calls.append(_n) or _k(*args))
+        monkeypatch.setattr(fused, name, recording(getattr(fused, name), name, calls))
     for count in (1, size // 3, size // 2, size - 7):
         selection = kth_largest(TaskVectorMagnitudes(model, base), count)
         value = torch.sort(magnitudes, descending=True).values[count - 1]
@@ -126,7 +138,7 @@ def test_accepts_supported_inputs_only() -> None:
     assert not fused.accepts([])
 
 
-def test_split_covers_the_range_in_chunk_aligned_parts(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_split_parts_are_chunk_aligned(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(fused, "usable_cores", lambda: 3)
     assert fused.split(10) == [slice(0, 10)]
     total = fused.PARALLEL_MIN_ELEMENTS + 5
@@ -147,7 +159,7 @@ def test_split_covers_the_range_in_chunk_aligned_parts(monkeypatch: pytest.Monke
         (torch.float32, (0.1, 0.2, 0.3, 0.4), {"lambda": 1.7}),
     ],
 )
-def test_fused_task_arithmetic_equals_torch_path(
+def test_fused_task_arithmetic_matches_torch(
     monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype, weights: tuple[float, ...], shared: dict[str, object]
 ) -> None:
     # (0.5, -0.5) sums to zero, where normalizing divides by 1 instead.
