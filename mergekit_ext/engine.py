@@ -558,6 +558,7 @@ def _merge_one(
             model_parameters=item.model_parameters,
             parameters=item.parameters,
             seed=seed,
+            out_dtype=item.out_dtype,
         )
     )
     return merged.to(dtype=item.out_dtype)

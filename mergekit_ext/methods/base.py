@@ -4,7 +4,9 @@ A merge method receives, for one output tensor, the base tensor (or None), the
 tensors of the other models in input order, and parameters already resolved for
 that tensor (per-model filters and layer gradients applied by the engine). All
 input tensors are float32 on the compute device; the method returns float32 and
-the engine casts to the output dtype.
+the engine casts to the output dtype. A method may instead return `out_dtype`
+directly when it rounds as that cast would (the fused TIES and task arithmetic
+kernels do for bf16).
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ class TensorMergeInput:
     model_parameters: list[dict[str, float]] = field(default_factory=list)
     parameters: dict[str, float] = field(default_factory=dict)
     seed: int = 0
+    out_dtype: torch.dtype | None = None
 
 
 class MergeMethod(Protocol):

@@ -136,15 +136,17 @@ def consensus(
     *,
     normalize: bool,
     scaling: float,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """Return the TIES merge of flat inputs as float32: trim, weigh, elect signs, average the agreeing entries.
+    """Return the TIES merge of flat inputs: trim, weigh, elect signs, average the agreeing entries.
 
     The same computation as `ties._consensus_block` followed by `consensus_merge`,
-    in one pass over the inputs.
+    in one pass over the inputs. The result is float32, or bf16 when `out_dtype` is
+    bf16 (see `output_dtype`).
     """
     kernels = _require()
     if not models:
-        return base.to(torch.float32, copy=True)
+        return base.to(output_dtype(out_dtype), copy=True)
     thresholds = np.array([rule.threshold for rule in rules], dtype=np.float32)
     tie_thresholds = np.array([rule.tie_threshold for rule in rules], dtype=np.float32)
     tie_ends = np.array([rule.tie_end for rule in rules], dtype=np.int64)
@@ -165,9 +167,10 @@ def consensus(
             normalize,
             np.float32(scaling),
             output,
+            output.dtype == np.uint16,
         )
 
-    return _merge_in_parts(base, models, merge_part)
+    return _merge_in_parts(base, models, merge_part, output_dtype(out_dtype))
 
 
 def task_arithmetic(
@@ -177,11 +180,13 @@ def task_arithmetic(
     *,
     divisor: float | None,
     scaling: float,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """Return base + scaling * sum(w_i (x_i - base)) of flat inputs as float32, divided by `divisor` unless None.
+    """Return base + scaling * sum(w_i (x_i - base)) of flat inputs, divided by `divisor` unless None.
 
     The same computation as `combine.merge_task_vectors` without masks or sign
-    consensus, in one pass over the inputs.
+    consensus, in one pass over the inputs. The result is float32, or bf16 when
+    `out_dtype` is bf16 (see `output_dtype`).
     """
     kernels = _require()
     weight_values = np.array(weights, dtype=np.float32)
@@ -196,21 +201,32 @@ def task_arithmetic(
             np.float32(1.0 if divisor is None else divisor),
             np.float32(scaling),
             output,
+            output.dtype == np.uint16,
         )
 
-    return _merge_in_parts(base, models, merge_part)
+    return _merge_in_parts(base, models, merge_part, output_dtype(out_dtype))
+
+
+def output_dtype(out_dtype: torch.dtype | None) -> torch.dtype:
+    """Return the dtype the kernels write for a merge whose output is `out_dtype`.
+
+    bf16 outputs are rounded inside the kernels, as torch rounds a float32 to bf16, which
+    saves a float32 buffer and a conversion pass. Every other output is float32.
+    """
+    return torch.bfloat16 if out_dtype == torch.bfloat16 else torch.float32
 
 
 def _merge_in_parts(
     base: torch.Tensor,
     models: Sequence[torch.Tensor],
     merge_part: Callable[[np.ndarray, tuple[np.ndarray, ...], np.ndarray, int], None],
+    dtype: torch.dtype,
 ) -> torch.Tensor:
-    """Return a float32 output that `merge_part(base, models, output, start)` fills part by part, side by side."""
-    output = torch.empty(base.numel(), dtype=torch.float32)
+    """Return an output of `dtype` that `merge_part(base, models, output, start)` fills part by part, side by side."""
+    output = torch.empty(base.numel(), dtype=dtype)
     base_bits = _bits(base)
     model_bits = tuple(_bits(model) for model in models)
-    output_values = output.numpy()
+    output_values = _bits(output)
     calls = [
         functools.partial(
             merge_part, base_bits[part], tuple(bits[part] for bits in model_bits), output_values[part], part.start

@@ -41,6 +41,20 @@ def _chunk_buffers():  # type: ignore[no-untyped-def]
     return base_bits, model_bits, base_bits.view(np.float32), model_bits.view(np.float32)
 
 
+@njit(inline="always")
+def _store(values, bits, count, output, round_to_bf16):  # type: ignore[no-untyped-def]
+    # `bits` is the uint32 view of `values`. A bf16 output gets each float32 rounded to the
+    # nearest even bf16 and NaN as 0xFFFF, as torch's conversion does. A float32 output gets the bits.
+    if round_to_bf16:
+        for k in range(count):
+            pattern = bits[k]
+            rounded = (pattern + np.uint32(0x7FFF) + ((pattern >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
+            output[k] = np.uint32(0xFFFF) if values[k] != values[k] else rounded
+    else:
+        for k in range(count):
+            output[k] = bits[k]
+
+
 @njit(cache=True, nogil=True)
 def band(model, base, shift, low, high, values, positions):  # type: ignore[no-untyped-def]
     total = base.shape[0]
@@ -137,7 +151,8 @@ def nth_equal(model, base, shift, value, n):  # type: ignore[no-untyped-def]
 
 @njit(cache=True, nogil=True)
 def consensus(  # type: ignore[no-untyped-def]
-    base, models, shift, thresholds, tie_thresholds, tie_ends, scales, weights, normalize, scaling, output
+    base, models, shift, thresholds, tie_thresholds, tie_ends, scales, weights, normalize, scaling,
+    output, round_to_bf16,
 ):
     total = base.shape[0]
     model_count = len(models)
@@ -148,7 +163,8 @@ def consensus(  # type: ignore[no-untyped-def]
     weighted = np.empty((model_count, CHUNK), np.float32)
     summed = np.empty(CHUNK, np.float32)
     signs = np.empty(CHUNK, np.float32)
-    mixed = np.empty(CHUNK, np.float32)
+    mixed_bits = np.empty(CHUNK, np.uint32)
+    mixed = mixed_bits.view(np.float32)
     divisor = np.empty(CHUNK, np.float32)
     for start in range(0, total, CHUNK):
         size = min(CHUNK, total - start)
@@ -189,18 +205,19 @@ def consensus(  # type: ignore[no-untyped-def]
         if normalize:
             for k in range(size):
                 mixed[k] = mixed[k] / (plus if divisor[k] == zero else divisor[k])
-        chunk = output[start : start + size]
         for k in range(size):
-            chunk[k] = mixed[k] * scaling + base_values[k]
+            mixed[k] = mixed[k] * scaling + base_values[k]
+        _store(mixed, mixed_bits, size, output[start : start + size], round_to_bf16)
 
 
 @njit(cache=True, nogil=True)
-def task_arithmetic(base, models, shift, weights, normalize, divisor, scaling, output):  # type: ignore[no-untyped-def]
+def task_arithmetic(base, models, shift, weights, normalize, divisor, scaling, output, round_to_bf16):  # type: ignore[no-untyped-def]
     total = base.shape[0]
     model_count = len(models)
     zero = np.float32(0.0)
     base_bits, model_bits, base_values, model_values = _chunk_buffers()
-    mixed = np.empty(CHUNK, np.float32)
+    mixed_bits = np.empty(CHUNK, np.uint32)
+    mixed = mixed_bits.view(np.float32)
     for start in range(0, total, CHUNK):
         size = min(CHUNK, total - start)
         _load(base, start, size, shift, base_bits)
@@ -214,6 +231,6 @@ def task_arithmetic(base, models, shift, weights, normalize, divisor, scaling, o
         if normalize:
             for k in range(size):
                 mixed[k] = mixed[k] / divisor
-        chunk = output[start : start + size]
         for k in range(size):
-            chunk[k] = mixed[k] * scaling + base_values[k]
+            mixed[k] = mixed[k] * scaling + base_values[k]
+        _store(mixed, mixed_bits, size, output[start : start + size], round_to_bf16)

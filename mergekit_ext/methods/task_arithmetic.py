@@ -53,7 +53,12 @@ class TaskArithmeticMethod:
             if resolved.flag("normalize"):
                 divisor = weight_sum_divisor(weights)
             merged = fused.task_arithmetic(
-                stored.reshape(-1), flat_models, weights, divisor=divisor, scaling=resolved.shared["lambda"]
+                stored.reshape(-1),
+                flat_models,
+                weights,
+                divisor=divisor,
+                scaling=resolved.shared["lambda"],
+                out_dtype=inputs.out_dtype,
             )
             return merged.reshape(stored.shape)
         base = stored.float()

@@ -78,7 +78,9 @@ class TiesMethod:
             found = [select() for select in selections]
         task_vectors = [task_vector for task_vector in found if task_vector is not None]
         if use_fused:
-            merged = _fused_consensus(base, task_vectors, resolved.flag("normalize"), resolved.shared["lambda"])
+            merged = _fused_consensus(
+                base, task_vectors, resolved.flag("normalize"), resolved.shared["lambda"], inputs.out_dtype
+            )
             return merged.reshape(stored.shape)
         merged = torch.empty(base.numel(), dtype=torch.float32, device=base.device)
         for part in block_slices(base.numel()):
@@ -136,7 +138,11 @@ def _consensus_block(
 
 
 def _fused_consensus(
-    base: torch.Tensor, task_vectors: list[_SelectedTaskVector], normalize: bool, scaling: float
+    base: torch.Tensor,
+    task_vectors: list[_SelectedTaskVector],
+    normalize: bool,
+    scaling: float,
+    out_dtype: torch.dtype | None,
 ) -> torch.Tensor:
     """Merge a whole flat tensor with the fused kernel: the same arithmetic as `_consensus_block`, in one pass."""
     rules = []
@@ -154,4 +160,5 @@ def _fused_consensus(
         [task_vector.weight for task_vector in task_vectors],
         normalize=normalize,
         scaling=scaling,
+        out_dtype=out_dtype,
     )

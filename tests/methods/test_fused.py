@@ -188,3 +188,43 @@ def test_missing_numba_keeps_torch_path(monkeypatch: pytest.MonkeyPatch) -> None
     assert torch.equal(fast.view(torch.int32), slow.view(torch.int32))
     with pytest.raises(RuntimeError, match="need numba"):
         fused.count_from(models[0], base, 0.5)
+
+
+def test_bf16_rounding_matches_torch() -> None:
+    from mergekit_ext.methods import fused_numba
+
+    # Halfway cases with an even and an odd last kept bit, values that round up into
+    # the next power of two or to infinity, subnormals, signed zeros, and NaN.
+    patterns = [0x3F808000, 0x3F818000, 0x3F808001, 0x3F807FFF, 0x3FFFFFFF, 0x7F7FFFFF, 0x7F7F8000,
+                0x00008000, 0x00018000, 0x80000000, 0x00000000, 0xBF818000, 0xFF7FFFFF, 0x7FC00000, 0xFFC00001]
+    generator = torch.Generator().manual_seed(5)
+    random = torch.randint(0, 1 << 32, (10_000,), generator=generator, dtype=torch.int64)
+    bits = torch.cat([torch.tensor(patterns, dtype=torch.int64), random]).to(torch.uint32)
+    values = bits.view(torch.float32)
+    output = torch.empty(values.numel(), dtype=torch.bfloat16)
+    fused_numba._store(values.numpy(), bits.numpy(), values.numel(), output.view(torch.uint16).numpy(), True)
+    assert torch.equal(output.view(torch.int16), values.to(torch.bfloat16).view(torch.int16))
+
+
+@pytest.mark.parametrize("method", ["ties", "task_arithmetic"])
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16, None])
+def test_fused_output_dtype_matches_torch(
+    monkeypatch: pytest.MonkeyPatch, method: str, out_dtype: torch.dtype | None
+) -> None:
+    # A bf16 output is rounded inside the kernels, and any other stays float32 for the engine to convert.
+    size = fused.PARALLEL_MIN_ELEMENTS + fused.CHUNK + 3
+    base, models = bf16_inputs(size, 3, seed=14, steps=200)
+    merge_input = TensorMergeInput(
+        name="t", base=base, models=models,
+        model_parameters=[{"weight": w, "density": 0.4} for w in (0.9, -0.4, 0.7)] if method == "ties"
+        else [{"weight": w} for w in (0.9, -0.4, 0.7)],
+        parameters={"lambda": 1.1}, seed=0, out_dtype=out_dtype,
+    )
+    fast = get_method(method).merge(merge_input)
+    monkeypatch.setenv(fused.KERNELS_ENV, "torch")
+    slow = get_method(method).merge(merge_input)
+    assert slow.dtype == torch.float32
+    assert fast.dtype == (torch.bfloat16 if out_dtype == torch.bfloat16 else torch.float32)
+    expected = slow.to(fast.dtype)
+    assert torch.equal(fast.view(torch.int16 if fast.dtype == torch.bfloat16 else torch.int32),
+                       expected.view(torch.int16 if fast.dtype == torch.bfloat16 else torch.int32))
