@@ -17,6 +17,7 @@ from typing import Any
 import click
 
 from mergekit_ext import __version__
+from mergekit_ext.allocator import keep_freed_memory
 
 # name -> (module inside mergekit_ext.cli, attribute, one-line help)
 COMMANDS: dict[str, tuple[str, str, str]] = {
@@ -114,6 +115,9 @@ def main() -> None:
     # SIGTERM (a killed job, a CI timeout) becomes SystemExit, so the writer's context
     # manager removes its temporary folder exactly as it does for Ctrl-C.
     signal.signal(signal.SIGTERM, _exit_on_signal)
+    # A merge frees and allocates tensors of the same sizes all along, so keep freed memory
+    # for reuse (see mergekit_ext.allocator). The setting covers this whole process, which the CLI owns.
+    keep_freed_memory()
     try:
         status = cli.main(prog_name="merge", standalone_mode=False)
     except click.exceptions.Abort:
