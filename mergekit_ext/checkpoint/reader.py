@@ -21,13 +21,12 @@ from typing import Any
 import torch
 
 from mergekit_ext.checkpoint.hashing import files_sha256
+from mergekit_ext.checkpoint.layout import SAFETENSORS_INDEX, SAFETENSORS_SINGLE, files_from_index, safetensors_files
 from mergekit_ext.checkpoint.safetensors_header import read_header
 from mergekit_ext.errors import CheckpointError, PickleNotAllowedError
 
 logger = logging.getLogger(__name__)
 
-SAFETENSORS_INDEX = "model.safetensors.index.json"
-SAFETENSORS_SINGLE = "model.safetensors"
 PICKLE_INDEX = "pytorch_model.bin.index.json"
 PICKLE_SINGLE = "pytorch_model.bin"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
@@ -99,22 +98,11 @@ class Checkpoint:
 
     @classmethod
     def _open_folder(cls, folder: Path, allow_pickle: bool) -> Checkpoint:
-        if (folder / SAFETENSORS_INDEX).exists():
-            files = _files_from_index(folder / SAFETENSORS_INDEX)
+        files = safetensors_files(folder)
+        if files:
             return cls(folder, _infos_from_safetensors(files), pickled=False)
-        if (folder / SAFETENSORS_SINGLE).exists():
-            return cls(folder, _infos_from_safetensors([folder / SAFETENSORS_SINGLE]), pickled=False)
-
-        loose = sorted(folder.glob("*.safetensors"))
-        if len(loose) == 1:
-            return cls(folder, _infos_from_safetensors(loose), pickled=False)
-        if len(loose) > 1:
-            raise CheckpointError(
-                f"{folder}: {len(loose)} safetensors files but no {SAFETENSORS_INDEX}; add the "
-                "index file or pass one .safetensors file"
-            )
         if (folder / PICKLE_INDEX).exists():
-            files = _files_from_index(folder / PICKLE_INDEX)
+            files = files_from_index(folder / PICKLE_INDEX)
             return cls(folder, _infos_from_pickle(files, allow_pickle), pickled=True)
         if (folder / PICKLE_SINGLE).exists():
             return cls(folder, _infos_from_pickle([folder / PICKLE_SINGLE], allow_pickle), pickled=True)
@@ -249,26 +237,6 @@ def _read_tensor(descriptor: int, info: TensorInfo, rows: tuple[int, int] | None
             )
         done += count
     return buffer.view(info.dtype).reshape(shape)
-
-
-def _files_from_index(index_path: Path) -> list[Path]:
-    try:
-        index = json.loads(index_path.read_text())
-        weight_map = index["weight_map"]
-    except (json.JSONDecodeError, KeyError, TypeError) as error:
-        raise CheckpointError(
-            f"{index_path}: malformed index (needs a 'weight_map' object): {error}"
-        ) from error
-    files = []
-    for file_name in dict.fromkeys(weight_map.values()):
-        file = index_path.parent / file_name
-        if not file.exists():
-            raise CheckpointError(
-                f"{index_path}: shard {file_name} is listed in the index but missing; "
-                "download the missing shard"
-            )
-        files.append(file)
-    return files
 
 
 def _infos_from_safetensors(files: list[Path]) -> dict[str, TensorInfo]:
