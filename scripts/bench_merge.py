@@ -172,14 +172,17 @@ def main() -> None:
 
         plain_read = statistics.median(read_times)
         print(f"\ninput: {input_bytes / 1e9:.2f} GB in {len(folders)} files; plain sequential read "
-              f"{plain_read:.2f} s ({input_bytes / plain_read / 1e9:.2f} GB/s); caches dropped: {args.drop_caches}; "
-              f"CPUs: {os.cpu_count()}")
-        print(f"{'method':<16}{'tool':<21}{'wall s':>9}{'peak RSS GB':>13}{'read GB/s':>11}")
+              f"{plain_read:.2f} s ({input_bytes / plain_read / 1e9:.2f} GB/s, runs: {_runs(read_times)}); "
+              f"caches dropped: {args.drop_caches}; CPUs: {os.cpu_count()}")
+        print("Times are medians over the rounds; the last column lists every round's time.")
+        print(f"{'method':<16}{'tool':<21}{'wall s':>9}{'peak RSS GB':>13}{'read GB/s':>11}  runs s")
         for method in ("ties", "task_arithmetic"):
             for tool in tool_names:
-                wall = statistics.median(r[0] for r in results[(method, tool)])
+                walls = [r[0] for r in results[(method, tool)]]
+                wall = statistics.median(walls)
                 peak = max(r[1] for r in results[(method, tool)])
-                print(f"{method:<16}{tool:<21}{wall:>9.2f}{peak / 1e9:>13.2f}{input_bytes / wall / 1e9:>11.2f}")
+                print(f"{method:<16}{tool:<21}{wall:>9.2f}{peak / 1e9:>13.2f}{input_bytes / wall / 1e9:>11.2f}  "
+                      f"{_runs(walls)}")
             theirs = statistics.median(r[0] for r in results[(method, "mergekit")])
             theirs_peak = max(r[1] for r in results[(method, "mergekit")])
             for tool in ours_variants:
@@ -191,6 +194,10 @@ def main() -> None:
     finally:
         if args.workdir is None:
             shutil.rmtree(root, ignore_errors=True)
+
+
+def _runs(times: list[float]) -> str:
+    return " / ".join(f"{value:.2f}" for value in times)
 
 
 if __name__ == "__main__":

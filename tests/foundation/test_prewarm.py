@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -82,6 +83,16 @@ def test_prewarmer_skips_bad_inputs(checkpoints: list[Path], tmp_path: Path) -> 
     prewarmer = prewarm.Prewarmer(paths)
     prewarmer.run()
     assert prewarmer.bytes_read == 22
+
+
+def test_prewarmer_skips_named_pipe(tmp_path: Path) -> None:
+    # Opening a pipe for reading waits for a writer. A pipe's size is 0, so it is never opened.
+    folder = tmp_path / "pipe"
+    folder.mkdir()
+    os.mkfifo(folder / "model.safetensors")
+    prewarmer = prewarm.Prewarmer([folder], budget=1 << 20)
+    prewarmer.run()
+    assert prewarmer.bytes_read == 0
 
 
 def test_prewarm_does_not_import_torch() -> None:
