@@ -44,6 +44,13 @@ def progress_callback(description: str) -> Iterator[Callable[[int, int, str], No
 
     try:
         yield update
-    finally:
+    except BaseException:
         if tasks:
-            progress.stop()
+            # A transient bar is erased on a terminal and never printed to a file or pipe,
+            # so the error message is not preceded by a half-full bar. rich's `Progress.stop`
+            # would also print an empty line when stderr is not a terminal.
+            progress.live.transient = True
+            progress.live.stop()
+        raise
+    if tasks:
+        progress.stop()

@@ -30,7 +30,7 @@ import torch
 
 from mergekit_ext import __version__
 from mergekit_ext.checkpoint import CardInput, Checkpoint, ModelCard, PlannedTensor, StreamingWriter
-from mergekit_ext.checkpoint.card import hub_id_of, license_of
+from mergekit_ext.checkpoint.card import format_bytes, hub_id_of, license_of
 from mergekit_ext.checkpoint.files import copy_config, copy_tokenizer, parse_dtype
 from mergekit_ext.checkpoint.writer import DEFAULT_SHARD_SIZE, check_output_folder
 from mergekit_ext.device import resolve_device
@@ -81,8 +81,8 @@ class MergeReport:
 
     def summary(self) -> str:
         return (
-            f"Merged {self.tensors} tensors into {self.output}: {self.bytes_written / 1e9:.3f} GB "
-            f"written in {self.seconds:.1f} s, peak memory {self.peak_rss_bytes / 1e9:.2f} GB"
+            f"Merged {self.tensors} tensors into {self.output}: {format_bytes(self.bytes_written)} "
+            f"written in {self.seconds:.2f} s, peak memory {format_bytes(self.peak_rss_bytes)}"
         )
 
 

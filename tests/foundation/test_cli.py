@@ -11,10 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from mergekit_ext import __version__
 from mergekit_ext.cli.main import COMMANDS, cli
+from mergekit_ext.engine import MergeReport
 
 ModelFactory = Callable[..., list[Path]]
 
@@ -190,3 +191,26 @@ def test_sigterm_leaves_no_partial_output(tmp_path: Path) -> None:
     assert process.wait(timeout=60) == 128 + signal.SIGTERM
     assert not out.exists()
     assert [path for path in tmp_path.iterdir() if ".partial-" in path.name] == []
+
+
+def test_merge_error_prints_no_progress_bar(tiny_models: ModelFactory, tmp_path: Path) -> None:
+    # The NaN is found while merging, after the bar has started. Neither the bar nor an
+    # empty line may precede the error.
+    base, first = tiny_models(2)
+    state = load_file(str(first / "model.safetensors"))
+    last_name = sorted(state)[-1]
+    state[last_name].view(-1)[0] = float("nan")
+    save_file(state, str(first / "model.safetensors"))
+    result = run_merge("--log-level", "warning", "ties", "-b", str(base), "-m", str(first), "-o", str(tmp_path / "out"))
+    assert result.returncode == 2
+    lines = result.stderr.splitlines()
+    assert lines[-1].startswith("Error:"), result.stderr
+    assert last_name in lines[-1]
+    assert not any("ties merge" in line for line in lines), result.stderr
+    assert "" not in lines, result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_summary_line_units(tmp_path: Path) -> None:
+    report = MergeReport(output=tmp_path, tensors=6, bytes_written=1_313_024, seconds=0.0123, peak_rss_bytes=462_888_000)
+    assert report.summary() == f"Merged 6 tensors into {tmp_path}: 1.31 MB written in 0.01 s, peak memory 462.89 MB"
