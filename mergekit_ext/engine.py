@@ -392,7 +392,7 @@ def _check_tensor(name: str, shape: tuple[int, ...], inputs: _Inputs, truncate_v
             continue
         raise IncompatibleModelsError(
             f"shape mismatch in {name!r}: {tuple(shape)} in {inputs.reference.path} but "
-            f"{tuple(other)} in {model.path}"
+            f"{tuple(other)} in {model.path}; merge only checkpoints of the base's architecture and size"
         )
     return truncate_rows
 
@@ -580,7 +580,12 @@ def _write_side_files(
     options: MergeOptions,
 ) -> None:
     reference_folder = inputs.reference.folder
-    copy_config(writer, reference_folder, dtype)
+    if not copy_config(writer, reference_folder, dtype):
+        logger.warning(
+            "No config.json in %s, so the output has none. Pass the base as a checkpoint folder "
+            "that contains its config.json, or copy one into the output.",
+            reference_folder,
+        )
     tokenizer_folder = _tokenizer_folder(recipe, inputs, options)
     copy_tokenizer(writer, tokenizer_folder)
     writer.write_text("merge_recipe.yaml", recipe.to_yaml())
@@ -592,7 +597,7 @@ def _write_side_files(
         role = "base" if checkpoint is inputs.base else "model"
         card_inputs.append(
             CardInput(
-                name=display_name(checkpoint.folder),
+                name=display_name(checkpoint.path),
                 sha256=hashes[str(checkpoint.path)],
                 role=role,
                 repo_id=hub_id_of(checkpoint.folder),
@@ -635,8 +640,11 @@ def _card_parameters(recipe: Recipe) -> dict[str, Any]:
     data["models"] = models
     if recipe.parameters:
         data["parameters"] = recipe.parameters
-    if recipe.dtype or recipe.out_dtype:
-        data["dtype"] = recipe.out_dtype or recipe.dtype
+    # The recipe's keys: `dtype` is the computation dtype, `out_dtype` the output's.
+    if recipe.dtype:
+        data["dtype"] = recipe.dtype
+    if recipe.out_dtype:
+        data["out_dtype"] = recipe.out_dtype
     return _plain(data)
 
 

@@ -34,6 +34,10 @@ REPO_ID = re.compile(r"\A[A-Za-z0-9](?:[\w.-]*[A-Za-z0-9])?/[A-Za-z0-9](?:[\w.-]
 HF_CACHE_FOLDER = re.compile(r"\Amodels--(?P<namespace>[^/]+?)--(?P<name>[^/]+)\Z")
 
 PROJECT_URL = "https://pypi.org/project/mergekit-ext/"
+SHARDED_DIGEST_NOTE = (
+    "The SHA-256 of a sharded checkpoint is that of its shard files read one after another, "
+    "in the order its index first names them (in file-name order without an index)."
+)
 
 
 def is_repo_id(text: str) -> bool:
@@ -143,6 +147,7 @@ class ModelCard:
         lines += ["", "### Inputs", "", "| role | model | SHA-256 of the weights |", "|---|---|---|"]
         for item in self.inputs:
             lines.append(f"| {item.role} | {_cell(item.hub_name)} | {_sha_cell(item.sha256)} |")
+        lines += ["", SHARDED_DIGEST_NOTE]
         lines += ["", "### Parameters", "", "```yaml"]
         lines.append(
             yaml.safe_dump({"merge_method": self.method, **self.parameters}, sort_keys=False, allow_unicode=True).rstrip()

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 from pathlib import Path
 
+import pytest
 import yaml
 
 from mergekit_ext import __version__
@@ -23,7 +25,9 @@ from mergekit_ext.checkpoint.card import (
     mass_artifact_card,
     read_front_matter,
 )
+from mergekit_ext.engine import MergeOptions, run_recipe
 from mergekit_ext.mass.config import MassConfig, RouterConfig, StorageReport
+from mergekit_ext.recipe import parse_recipe
 
 SHA_A = "a" * 64
 SHA_B = "b" * 64
@@ -271,3 +275,35 @@ def test_mass_card_from_dict_open_clip() -> None:
     assert "| rank per task | 16 |" in markdown
     assert 'snapshot_download("ORG/NAME")' in markdown
     assert "Replace `ORG/NAME`" in markdown
+
+
+def test_engine_card_for_single_file_base(
+    tiny_inputs: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A base given as a lone .safetensors file, in a folder without config.json.
+    loose = tmp_path / "loose"
+    loose.mkdir()
+    (loose / "base-weights.safetensors").write_bytes((tiny_inputs / "base" / "model.safetensors").read_bytes())
+    recipe = parse_recipe(
+        {
+            "merge_method": "task_arithmetic",
+            "base_model": str(loose / "base-weights.safetensors"),
+            "models": [{"model": str(tiny_inputs / "a"), "parameters": {"weight": 1.0}}],
+            "dtype": "float32",
+            "out_dtype": "bfloat16",
+        },
+        source="test",
+    )
+    output = tmp_path / "out"
+    with caplog.at_level(logging.WARNING, logger="mergekit_ext"):
+        run_recipe(recipe, MergeOptions(output=output))
+
+    assert not (output / "config.json").exists()
+    assert any("No config.json in" in record.message and str(loose) in record.message for record in caplog.records)
+    markdown = (output / "README.md").read_text()
+    assert "| base | base-weights.safetensors |" in markdown
+    parameters = yaml_blocks(markdown)[0]
+    assert parameters["base_model"] == "base-weights.safetensors"
+    assert parameters["dtype"] == "float32"
+    assert parameters["out_dtype"] == "bfloat16"
+    assert "read one after another" in markdown
