@@ -2,7 +2,8 @@
 
 Names, shapes and dtypes come from the headers only, so opening a 70B checkpoint costs
 a few milliseconds and no memory. `load` reads one tensor's bytes with `pread` at the
-offset the header gives. A memory map would be simpler, but every page it touches
+offset the header gives, with O_DIRECT for large tensors not in the page cache
+(`mergekit_ext.checkpoint.direct_read`). A memory map would be simpler, but every page it touches
 stays in the process's resident set until the map is closed. A streaming merge through
 mmap therefore ends up holding all of its inputs, while a plain read holds only the
 tensors still referenced.
@@ -11,7 +12,6 @@ tensors still referenced.
 from __future__ import annotations
 
 import json
-import os
 import logging
 import threading
 from dataclasses import dataclass
@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from mergekit_ext.checkpoint.direct_read import RawFile
 from mergekit_ext.checkpoint.hashing import files_sha256
 from mergekit_ext.checkpoint.layout import SAFETENSORS_INDEX, SAFETENSORS_SINGLE, files_from_index, safetensors_files
 from mergekit_ext.checkpoint.safetensors_header import read_header
@@ -174,11 +175,7 @@ class Checkpoint:
                 if self._pickled:
                     self._handles[file] = _load_pickle(file)
                 else:
-                    descriptor = os.open(file, os.O_RDONLY)
-                    if hasattr(os, "posix_fadvise"):
-                        # Merges read each file front to back: ask for a larger read-ahead.
-                        os.posix_fadvise(descriptor, 0, 0, os.POSIX_FADV_SEQUENTIAL)
-                    self._handles[file] = descriptor
+                    self._handles[file] = RawFile(file)
             return self._handles[file]
 
     def sha256(self) -> str:
@@ -191,8 +188,8 @@ class Checkpoint:
         """Close open files; later `load` calls reopen them."""
         with self._lock:
             for handle in self._handles.values():
-                if isinstance(handle, int):
-                    os.close(handle)
+                if isinstance(handle, RawFile):
+                    handle.close()
             self._handles.clear()
 
     def __del__(self) -> None:
@@ -214,7 +211,7 @@ def _check_rows(info: TensorInfo, rows: tuple[int, int]) -> None:
         )
 
 
-def _read_tensor(descriptor: int, info: TensorInfo, rows: tuple[int, int] | None = None) -> torch.Tensor:
+def _read_tensor(file: RawFile, info: TensorInfo, rows: tuple[int, int] | None = None) -> torch.Tensor:
     shape = info.shape
     offset, nbytes = info.offset, info.nbytes
     if rows is not None:
@@ -222,21 +219,13 @@ def _read_tensor(descriptor: int, info: TensorInfo, rows: tuple[int, int] | None
         offset += rows[0] * row_bytes
         nbytes = (rows[1] - rows[0]) * row_bytes
         shape = (rows[1] - rows[0], *info.shape[1:])
-    # torch.empty skips the zero fill a bytearray would do: every byte is read over anyway.
-    buffer = torch.empty(nbytes, dtype=torch.uint8)
     if nbytes == 0:
         return torch.empty(shape, dtype=info.dtype)
-    view = memoryview(buffer.numpy())
-    done = 0
-    while done < nbytes:
-        # pread is safe from several threads at once: it does not move a shared offset.
-        count = os.preadv(descriptor, [view[done:]], offset + done)
-        if count == 0:
-            raise CheckpointError(
-                f"{info.file}: file is truncated: tensor {info.name!r} ends past the end of the file"
-            )
-        done += count
-    return buffer.view(info.dtype).reshape(shape)
+    data = file.read(offset, nbytes, f"tensor {info.name!r}")
+    if data.storage_offset() % info.dtype.itemsize:
+        # The tensor's offset in the file is not a multiple of its element size.
+        data = data.clone()
+    return data.view(info.dtype).reshape(shape)
 
 
 def _infos_from_safetensors(files: list[Path]) -> dict[str, TensorInfo]:
