@@ -32,18 +32,9 @@ def _merge_options(global_options: GlobalOptions, options: dict[str, Any], recip
 
 
 def _run(recipe: Any, global_options: GlobalOptions, options: dict[str, Any], recipe_path: Path | None = None) -> None:
-    from mergekit_ext.checkpoint.prewarm import Prewarmer
-    from mergekit_ext.zoo.references import PREFIX
+    from mergekit_ext.engine import run_recipe
 
-    # Inputs in the engine's order, base first. Zoo references are small models, left out.
-    references = [recipe.base_model, *recipe.model_paths()]
-    paths = [Path(reference).expanduser() for reference in references if reference and not reference.startswith(PREFIX)]
-    # Importing the engine (torch, numba) takes over a second on one core, so the inputs
-    # are read meanwhile on another (see mergekit_ext.checkpoint.prewarm).
-    with Prewarmer(paths):
-        from mergekit_ext.engine import run_recipe
-
-        merge_options = _merge_options(global_options, options, recipe_path)
+    merge_options = _merge_options(global_options, options, recipe_path)
     with progress_callback(f"{recipe.merge_method} merge") as update:
         report = run_recipe(recipe, merge_options, progress=update)
     click.echo(report.summary())

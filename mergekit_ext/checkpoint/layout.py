@@ -1,7 +1,6 @@
 """Lookup of the safetensors files that hold a checkpoint's weights, in reading order.
 
-Kept free of torch, so that the CLI can find the input files before it imports torch
-(see `prewarm`).
+Kept free of torch, so that code can list a checkpoint's files without importing it.
 """
 
 from __future__ import annotations
