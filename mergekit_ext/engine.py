@@ -127,13 +127,12 @@ def run_recipe(recipe: Recipe, options: MergeOptions, progress: ProgressCallback
         inputs=[c.path for c in checkpoints],
         metadata={"mergekit_ext_version": __version__, "merge_method": method.name},
     ) as writer:
-        # Input hashes for the model card are computed beside the merge: hashlib releases
-        # the GIL, so on a machine with a spare core this costs no wall time.
-        with ThreadPoolExecutor(max_workers=1) as hasher:
-            hash_futures = {str(c.path): hasher.submit(c.sha256) for c in checkpoints}
-            with _compute_threads(method, device):
-                _stream(plan, inputs, method, writer, device, options, progress)
-            hashes = {path: future.result() for path, future in hash_futures.items()}
+        # The input hashes for the model card come from the bytes the merge reads, so
+        # new inputs are not read a second time (see Checkpoint.start_sha256).
+        finish_hashes = {str(c.path): c.start_sha256() for c in checkpoints}
+        with _compute_threads(method, device):
+            _stream(plan, inputs, method, writer, device, options, progress)
+        hashes = {path: finish() for path, finish in finish_hashes.items()}
         _write_side_files(recipe, inputs, writer, out_dtype or _reference_dtype(plan), hashes, options)
         output = writer.commit()
 

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from mergekit_ext.checkpoint.hashing import StreamingDigest
 from mergekit_ext.errors import CheckpointError
 
 logger = logging.getLogger(__name__)
@@ -70,6 +71,8 @@ class RawFile:
         self._direct_descriptor: int | None = None
         self._direct_enabled = direct and bool(_DIRECT_FLAG) and _LIBC is not None and self.size > 0
         self._map_address: int | None = None
+        # A digest fed with every range read, and this file's position in its input.
+        self.digest: tuple[StreamingDigest, int] | None = None
         if hasattr(os, "posix_fadvise"):
             # Buffered reads go front to back through each file: ask for a larger read-ahead.
             os.posix_fadvise(self.descriptor, 0, 0, os.POSIX_FADV_SEQUENTIAL)
@@ -81,7 +84,9 @@ class RawFile:
         file, so a caller viewing it as a wider dtype needs a suitably aligned `offset`.
         """
         if nbytes < MIN_DIRECT_BYTES or not self._direct_ready():
-            return self._read_buffered(offset, nbytes, description)
+            data = self._read_buffered(offset, nbytes, description)
+            self._feed_digest(offset, data)
+            return data
         # Place the data so that every aligned file offset lands at an aligned address.
         # The padding around the data leaves room for the aligned reads.
         storage = torch.empty(nbytes + 3 * ALIGNMENT, dtype=torch.uint8)
@@ -92,7 +97,14 @@ class RawFile:
             self._pread_all(self.descriptor, view, start, offset, cached, description)
         if cached < nbytes:
             self._read_direct(view, start, offset, offset + cached, offset + nbytes, description)
-        return storage[start : start + nbytes]
+        data = storage[start : start + nbytes]
+        self._feed_digest(offset, data)
+        return data
+
+    def _feed_digest(self, offset: int, data: torch.Tensor) -> None:
+        if self.digest is not None and data.numel():
+            digest, file_start = self.digest
+            digest.feed(file_start + offset, memoryview(data.numpy()))
 
     def close(self) -> None:
         """Close the descriptors and the residency mapping."""

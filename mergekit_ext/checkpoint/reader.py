@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from typing import Any
 import torch
 
 from mergekit_ext.checkpoint.direct_read import RawFile
-from mergekit_ext.checkpoint.hashing import files_sha256
+from mergekit_ext.checkpoint.hashing import StreamingDigest, cached_sha256, files_sha256
 from mergekit_ext.checkpoint.layout import SAFETENSORS_INDEX, SAFETENSORS_SINGLE, files_from_index, safetensors_files
 from mergekit_ext.checkpoint.safetensors_header import read_header
 from mergekit_ext.errors import CheckpointError, PickleNotAllowedError
@@ -75,6 +76,7 @@ class Checkpoint:
         self._handles: dict[Path, Any] = {}
         self._lock = threading.Lock()
         self._sha256: str | None = None
+        self._digest: StreamingDigest | None = None
 
     @classmethod
     def open(cls, path: str | Path, *, allow_pickle: bool = False) -> Checkpoint:
@@ -175,7 +177,10 @@ class Checkpoint:
                 if self._pickled:
                     self._handles[file] = _load_pickle(file)
                 else:
-                    self._handles[file] = RawFile(file)
+                    raw = RawFile(file)
+                    if self._digest is not None:
+                        raw.digest = (self._digest, self._digest.file_start(file))
+                    self._handles[file] = raw
             return self._handles[file]
 
     def sha256(self) -> str:
@@ -183,6 +188,39 @@ class Checkpoint:
         if self._sha256 is None:
             self._sha256 = files_sha256(self.files)
         return self._sha256
+
+    def start_sha256(self) -> Callable[[], str]:
+        """Start hashing the weight files from the `load` calls that follow.
+
+        Return a function that finishes the digest, reading only what `load` did not,
+        and returns the same value as `sha256`. A digest already known, in this object
+        or in the cache, costs nothing. Pickled checkpoints are hashed when it is called.
+        """
+        if self._sha256 is None:
+            self._sha256 = cached_sha256(self.files)
+        if self._sha256 is not None or self._pickled:
+            return self.sha256
+        digest = StreamingDigest(self.files)
+        # `load` never reads the headers, so they are fed here.
+        for file in self.files:
+            data_start = min((info.offset for info in self._tensors.values() if info.file == file), default=None)
+            with file.open("rb") as handle:
+                header = handle.read(data_start) if data_start is not None else handle.read()
+            digest.feed(digest.file_start(file), memoryview(header))
+        with self._lock:
+            self._digest = digest
+            for file, handle in self._handles.items():
+                handle.digest = (digest, digest.file_start(file))
+
+        def finish() -> str:
+            with self._lock:
+                self._digest = None
+                for handle in self._handles.values():
+                    handle.digest = None
+            self._sha256 = digest.hexdigest()
+            return self._sha256
+
+        return finish
 
     def close(self) -> None:
         """Close open files; later `load` calls reopen them."""
