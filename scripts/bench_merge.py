@@ -6,7 +6,9 @@ weights, bf16, about 1 GB each) to a temporary folder once, then runs each merge
 each in its own process measured by GNU time (wall seconds, peak RSS). mergekit-ext
 runs twice per round: with an empty digest cache (it hashes every input for the
 model card) and with the digests already known. The script also times a plain
-sequential read of the input files, the disk's limit for any merge.
+sequential read of the input files with `cat` and the same read with O_DIRECT
+(`dd iflag=direct`). The O_DIRECT read skips the page cache, so it is the disk's limit
+where filling the page cache costs much CPU time, as on the 2-core development VM.
 
 Run: python scripts/bench_merge.py [--repeats 2] [--workdir DIR] [--drop-caches]
 """
@@ -151,8 +153,14 @@ def main() -> None:
         tool_names = (*ours_variants, "mergekit")
         results: dict[tuple[str, str], list[tuple[float, int]]] = {}
         read_times = []
+        direct_times = []
         for repeat in range(args.repeats):
             read_times.append(timed(["cat", *(str(f / "model.safetensors") for f in folders)], args.drop_caches)[0])
+            # The same read with O_DIRECT, which skips the page cache as mergekit-ext's reader does.
+            direct_read = " && ".join(
+                f"dd if={f / 'model.safetensors'} of=/dev/null bs=8M iflag=direct status=none" for f in folders
+            )
+            direct_times.append(timed(["bash", "-c", direct_read], args.drop_caches)[0])
             for method in ("ties", "task_arithmetic"):
                 recipe = write_recipe(root / f"{method}.yaml", method, base, models)
                 ours = [str(bin_folder / "merge"), "run", str(recipe), "--output", str(root / "ours"), "--force"]
@@ -171,8 +179,10 @@ def main() -> None:
                     results.setdefault((method, tool), []).append(timed(command, args.drop_caches, env))
 
         plain_read = statistics.median(read_times)
+        direct_read_time = statistics.median(direct_times)
         print(f"\ninput: {input_bytes / 1e9:.2f} GB in {len(folders)} files; plain sequential read "
               f"{plain_read:.2f} s ({input_bytes / plain_read / 1e9:.2f} GB/s, runs: {_runs(read_times)}); "
+              f"with O_DIRECT (dd) {direct_read_time:.2f} s (runs: {_runs(direct_times)}); "
               f"caches dropped: {args.drop_caches}; CPUs: {os.cpu_count()}")
         print("Times are medians over the rounds; the last column lists every round's time.")
         print(f"{'method':<16}{'tool':<21}{'wall s':>9}{'peak RSS GB':>13}{'read GB/s':>11}  runs s")
@@ -190,7 +200,8 @@ def main() -> None:
                 ours_peak = max(r[1] for r in results[(method, tool)])
                 print(f"  {method}, {tool}: wall-time ratio mergekit/mergekit-ext = {theirs / ours_wall:.2f}x, "
                       f"peak-RSS ratio mergekit/mergekit-ext = {theirs_peak / ours_peak:.2f}x, "
-                      f"mergekit-ext time / plain read = {ours_wall / plain_read:.2f}x")
+                      f"mergekit-ext time / plain read = {ours_wall / plain_read:.2f}x, "
+                      f"/ O_DIRECT read = {ours_wall / direct_read_time:.2f}x")
     finally:
         if args.workdir is None:
             shutil.rmtree(root, ignore_errors=True)
