@@ -22,7 +22,7 @@ needs_direct = pytest.mark.skipif(
 
 
 def require_direct(folder: Path) -> None:
-    """Skip the test where `folder`'s file system rejects O_DIRECT (tmpfs before Linux 6.6, for one)."""
+    """Skip the test where `folder`'s file system rejects O_DIRECT (tmpfs on older Linux kernels, for one)."""
     probe = folder / "direct-probe"
     probe.write_bytes(b"\0" * ALIGNMENT)
     try:
@@ -146,7 +146,7 @@ def test_range_past_end_is_truncated(data_file: tuple[Path, bytes]) -> None:
 
 @pytest.mark.skipif(not Path("/dev/shm").is_dir(), reason="needs /dev/shm (tmpfs)")
 def test_tmpfs_read_matches() -> None:
-    # tmpfs rejects O_DIRECT before Linux 6.6, and its pages are always in memory. The
+    # tmpfs rejects O_DIRECT on older Linux kernels, and its pages are always in memory. The
     # read must return the bytes either way.
     content = random_bytes(2 * MIN_DIRECT_BYTES, seed=1)
     path = Path("/dev/shm") / f"mergekit-ext-test-{os.getpid()}.bin"
