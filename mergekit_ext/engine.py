@@ -32,6 +32,7 @@ from mergekit_ext import __version__
 from mergekit_ext.checkpoint import CardInput, Checkpoint, ModelCard, PlannedTensor, StreamingWriter
 from mergekit_ext.checkpoint.card import format_bytes, hub_id_of, license_of
 from mergekit_ext.checkpoint.files import copy_config, copy_tokenizer, parse_dtype
+from mergekit_ext.checkpoint.layout import SAFETENSORS_SINGLE
 from mergekit_ext.checkpoint.writer import DEFAULT_SHARD_SIZE, check_output_folder
 from mergekit_ext.device import resolve_device
 from mergekit_ext.errors import IncompatibleModelsError, InvalidTensorError, RecipeError
@@ -271,8 +272,9 @@ def _warn_extra_tensors(inputs: _Inputs) -> None:
         extra = [name for name in model.names if name not in reference_names]
         if extra:
             logger.warning(
-                "%d tensors of %s are not in %s and are left out of the output (for example %r)",
+                "%d %s of %s not in %s and left out of the output (for example %r)",
                 len(extra),
+                "tensor is" if len(extra) == 1 else "tensors are",
                 model.path,
                 inputs.reference.path,
                 extra[0],
@@ -596,7 +598,7 @@ def _write_side_files(
         role = "base" if checkpoint is inputs.base else "model"
         card_inputs.append(
             CardInput(
-                name=display_name(checkpoint.path),
+                name=_card_model_name(str(checkpoint.path)),
                 sha256=hashes[str(checkpoint.path)],
                 role=role,
                 repo_id=hub_id_of(checkpoint.folder),
@@ -650,7 +652,11 @@ def _card_parameters(recipe: Recipe) -> dict[str, Any]:
 def _card_model_name(reference: str) -> str:
     if reference.startswith(PREFIX):
         return reference
-    return display_name(Path(reference))
+    path = Path(reference)
+    # A weight file with the standard name does not identify the model, so its folder does.
+    if path.name == SAFETENSORS_SINGLE and path.parent.name:
+        path = path.parent
+    return display_name(path)
 
 
 def _plain(value: Any) -> Any:

@@ -288,7 +288,10 @@ def test_engine_card_for_single_file_base(
         {
             "merge_method": "task_arithmetic",
             "base_model": str(loose / "base-weights.safetensors"),
-            "models": [{"model": str(tiny_inputs / "a"), "parameters": {"weight": 1.0}}],
+            "models": [
+                {"model": str(tiny_inputs / "a" / "model.safetensors"), "parameters": {"weight": 0.5}},
+                {"model": str(tiny_inputs / "b"), "parameters": {"weight": 0.5}},
+            ],
             "dtype": "float32",
             "out_dtype": "bfloat16",
         },
@@ -302,8 +305,12 @@ def test_engine_card_for_single_file_base(
     assert any("No config.json in" in record.message and str(loose) in record.message for record in caplog.records)
     markdown = (output / "README.md").read_text()
     assert "| base | base-weights.safetensors |" in markdown
+    # A weight file with the standard name is named by its folder.
+    assert "| model | a |" in markdown
+    assert "| model | b |" in markdown
     parameters = yaml_blocks(markdown)[0]
     assert parameters["base_model"] == "base-weights.safetensors"
+    assert [entry["model"] for entry in parameters["models"]] == ["a", "b"]
     assert parameters["dtype"] == "float32"
     assert parameters["out_dtype"] == "bfloat16"
     assert "read one after another" in markdown
