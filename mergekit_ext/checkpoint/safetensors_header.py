@@ -98,6 +98,13 @@ def read_header(path: Path) -> SafetensorsHeader:
     entries: dict[str, HeaderEntry] = {}
     for name, description in parsed.items():
         entries[name] = _parse_entry(path, name, description, data_size)
+    covered = max((entry.end for entry in entries.values()), default=0)
+    if covered < data_size:
+        # safetensors 0.8.0 rejects such files too ("incomplete metadata, file not fully covered").
+        raise CheckpointError(
+            f"{path}: {data_size - covered} bytes follow the last tensor, which a safetensors file "
+            "may not contain; the file is damaged or was appended to, so re-download or re-export it"
+        )
     return SafetensorsHeader(path=path, data_start=data_start, entries=entries, metadata=metadata)
 
 

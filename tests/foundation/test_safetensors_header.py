@@ -73,3 +73,12 @@ def test_unsupported_dtype(tmp_path: Path) -> None:
     path.write_bytes(struct.pack("<Q", len(header)) + header + bytes(8))
     with pytest.raises(CheckpointError, match="unsupported dtype"):
         Checkpoint.open(path)
+
+
+def test_bytes_after_last_tensor_are_rejected(tmp_path: Path) -> None:
+    path = write_file(tmp_path / "model.safetensors")
+    with path.open("ab") as handle:
+        handle.write(b"\x00" * 3000)
+    with pytest.raises(CheckpointError, match="3000 bytes follow the last tensor") as error:
+        read_header(path)
+    assert str(path) in str(error.value)
