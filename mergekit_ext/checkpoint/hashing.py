@@ -57,7 +57,7 @@ class StreamingDigest:
     and remembers the result for `files_sha256`.
     """
 
-    def __init__(self, files: Sequence[Path], max_pending_bytes: int = 64 * 1024 * 1024) -> None:
+    def __init__(self, files: Sequence[Path], max_pending_bytes: int = 32 * 1024 * 1024) -> None:
         self.files = list(files)
         self._key = _identity(self.files)
         self._sizes = [os.stat(file).st_size for file in self.files]
