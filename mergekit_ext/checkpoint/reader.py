@@ -201,11 +201,14 @@ class Checkpoint:
         if self._sha256 is not None or self._pickled:
             return self.sha256
         digest = StreamingDigest(self.files)
-        # `load` never reads the headers, so they are fed here.
+        # `load` never reads the headers, so they are fed here: each file's bytes up to its
+        # first tensor (the whole file when it has none).
+        data_starts: dict[Path, int] = {}
+        for info in self._tensors.values():
+            data_starts[info.file] = min(info.offset, data_starts.get(info.file, info.offset))
         for file in self.files:
-            data_start = min((info.offset for info in self._tensors.values() if info.file == file), default=None)
             with file.open("rb") as handle:
-                header = handle.read(data_start) if data_start is not None else handle.read()
+                header = handle.read(data_starts[file]) if file in data_starts else handle.read()
             digest.feed(digest.file_start(file), memoryview(header))
         with self._lock:
             self._digest = digest
