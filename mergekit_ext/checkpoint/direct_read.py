@@ -11,7 +11,8 @@ time and 0.1 s of system time.
 `RawFile.read` therefore reads a range of at least `MIN_DIRECT_BYTES` with O_DIRECT,
 except for the part already in the page cache (`mincore` on a mapping of the file),
 which a buffered read copies at memory speed. Small ranges, systems without O_DIRECT
-and file systems that reject it (tmpfs, some network file systems) use buffered reads.
+and file systems that reject it (tmpfs on older kernels, some network file systems) use
+buffered reads.
 """
 
 from __future__ import annotations
@@ -74,13 +75,13 @@ class RawFile:
         # A digest fed with every range read, and this file's position in its input.
         self.digest: tuple[StreamingDigest, int] | None = None
         if hasattr(os, "posix_fadvise"):
-            # Buffered reads go front to back through each file: ask for a larger read-ahead.
+            # Buffered reads go front to back through each file, so ask for a larger read-ahead.
             os.posix_fadvise(self.descriptor, 0, 0, os.POSIX_FADV_SEQUENTIAL)
 
     def read(self, offset: int, nbytes: int, description: str) -> torch.Tensor:
-        """Read `nbytes` bytes at `offset` into a new uint8 tensor; `description` names them in errors.
+        """Read `nbytes` bytes at `offset` into a new uint8 tensor.
 
-        The tensor's data starts at the same offset modulo `ALIGNMENT` as the bytes in the
+        `description` names the bytes in errors. The tensor's data starts at the same offset modulo `ALIGNMENT` as the bytes in the
         file, so a caller viewing it as a wider dtype needs a suitably aligned `offset`.
         """
         if nbytes < MIN_DIRECT_BYTES or not self._direct_ready():
@@ -124,7 +125,7 @@ class RawFile:
         with self._lock:
             if self._direct_descriptor is not None:
                 return True
-            if not self._direct_enabled or _LIBC is None:
+            if not self._direct_enabled:
                 return False
             try:
                 self._direct_descriptor = os.open(self.path, os.O_RDONLY | _DIRECT_FLAG)
@@ -154,7 +155,7 @@ class RawFile:
         residency = (ctypes.c_ubyte * pages)()
         if _LIBC.mincore(self._map_address + first_page * PAGE_SIZE, pages * PAGE_SIZE, residency) != 0:
             return 0
-        # Only the lowest bit of each byte is defined: 1 when the page is resident.
+        # Only the lowest bit of each byte is defined, and it is 1 when the page is resident.
         flags = bytes(residency).translate(_LOWEST_BIT)
         missing = flags.find(b"\x00")
         if missing < 0:
@@ -173,13 +174,14 @@ class RawFile:
             except OSError as error:
                 if error.errno != errno.EINVAL:
                     raise
-                # The device needs a larger alignment than ALIGNMENT, so read the rest buffered.
+                # EINVAL here most likely means the device needs a larger alignment than
+                # ALIGNMENT, so read the rest buffered.
                 logger.debug("O_DIRECT read of %s failed (%s); reading through the page cache", self.path, error)
                 self._direct_enabled = False
                 self._pread_all(self.descriptor, view, target, position, end - position, description)
                 return
             if count == 0:
-                raise CheckpointError(f"{self.path}: file is truncated: {description} ends past the end of the file")
+                raise self._truncated(description)
             position += count
             if position % ALIGNMENT and position < end:
                 # A short read mid-file leaves an unaligned position, so read the rest buffered.
@@ -199,5 +201,8 @@ class RawFile:
             # pread is safe from several threads at once: it does not move a shared offset.
             count = os.preadv(descriptor, [view[target + done : target + nbytes]], offset + done)
             if count == 0:
-                raise CheckpointError(f"{self.path}: file is truncated: {description} ends past the end of the file")
+                raise self._truncated(description)
             done += count
+
+    def _truncated(self, description: str) -> CheckpointError:
+        return CheckpointError(f"{self.path}: file is truncated: {description} ends past the end of the file")
