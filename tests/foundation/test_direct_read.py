@@ -58,6 +58,14 @@ def cached_bytes(path: Path) -> int:
         raw.close()
 
 
+def read_range(path: Path, offset: int, nbytes: int, direct: bool = True) -> bytes:
+    raw = RawFile(path, direct=direct)
+    try:
+        return raw.read(offset, nbytes, "range").numpy().tobytes()
+    finally:
+        raw.close()
+
+
 def random_bytes(count: int, seed: int = 0) -> bytes:
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(0, 256, (count,), dtype=torch.uint8, generator=generator).numpy().tobytes()
@@ -79,13 +87,9 @@ def test_uncached_range_matches_file(data_file: tuple[Path, bytes], offset: int)
     require_direct(path.parent)
     evict(path)
     nbytes = 2 * MIN_DIRECT_BYTES + 3
-    raw = RawFile(path)
-    try:
-        data = raw.read(offset, nbytes, "range")
-    finally:
-        raw.close()
-    assert data.numel() == nbytes
-    assert data.numpy().tobytes() == content[offset : offset + nbytes]
+    data = read_range(path, offset, nbytes)
+    assert len(data) == nbytes
+    assert data == content[offset : offset + nbytes]
 
 
 @needs_direct
@@ -93,12 +97,7 @@ def test_uncached_read_skips_page_cache(data_file: tuple[Path, bytes]) -> None:
     path, content = data_file
     require_direct(path.parent)
     evict(path)
-    raw = RawFile(path)
-    try:
-        data = raw.read(0, len(content), "range")
-    finally:
-        raw.close()
-    assert data.numpy().tobytes() == content
+    assert read_range(path, 0, len(content)) == content
     # A buffered read would have left the whole file in the page cache.
     assert cached_bytes(path) < MIN_DIRECT_BYTES
 
@@ -123,12 +122,8 @@ def test_cached_prefix_read_buffered(data_file: tuple[Path, bytes]) -> None:
 
 def test_buffered_fallback_matches(data_file: tuple[Path, bytes]) -> None:
     path, content = data_file
-    raw = RawFile(path, direct=False)
-    try:
-        data = raw.read(17, 2 * MIN_DIRECT_BYTES, "range")
-    finally:
-        raw.close()
-    assert data.numpy().tobytes() == content[17 : 17 + 2 * MIN_DIRECT_BYTES]
+    data = read_range(path, 17, 2 * MIN_DIRECT_BYTES, direct=False)
+    assert data == content[17 : 17 + 2 * MIN_DIRECT_BYTES]
 
 
 @needs_direct
@@ -136,12 +131,8 @@ def test_range_past_end_is_truncated(data_file: tuple[Path, bytes]) -> None:
     path, content = data_file
     require_direct(path.parent)
     evict(path)
-    raw = RawFile(path)
-    try:
-        with pytest.raises(CheckpointError, match="file is truncated: range ends past the end"):
-            raw.read(len(content) - MIN_DIRECT_BYTES, 2 * MIN_DIRECT_BYTES, "range")
-    finally:
-        raw.close()
+    with pytest.raises(CheckpointError, match="file is truncated: range ends past the end"):
+        read_range(path, len(content) - MIN_DIRECT_BYTES, 2 * MIN_DIRECT_BYTES)
 
 
 @pytest.mark.skipif(not Path("/dev/shm").is_dir(), reason="needs /dev/shm (tmpfs)")
@@ -152,14 +143,10 @@ def test_tmpfs_read_matches() -> None:
     path = Path("/dev/shm") / f"mergekit-ext-test-{os.getpid()}.bin"
     path.write_bytes(content)
     try:
-        raw = RawFile(path)
-        try:
-            data = raw.read(3, MIN_DIRECT_BYTES + 1, "range")
-        finally:
-            raw.close()
+        data = read_range(path, 3, MIN_DIRECT_BYTES + 1)
     finally:
         path.unlink()
-    assert data.numpy().tobytes() == content[3 : 4 + MIN_DIRECT_BYTES]
+    assert data == content[3 : 4 + MIN_DIRECT_BYTES]
 
 
 @needs_direct
