@@ -103,6 +103,23 @@ def test_uncached_read_skips_page_cache(data_file: tuple[Path, bytes]) -> None:
 
 
 @needs_direct
+def test_small_reads_leave_large_ranges_uncached(data_file: tuple[Path, bytes]) -> None:
+    path, content = data_file
+    require_direct(path.parent)
+    evict(path)
+    # A small tensor is read buffered. Read-ahead after it (128 kB by default, 8 MB on
+    # some virtual disks) would cache the large range that follows, and that range
+    # would then be copied from the page cache instead of read with O_DIRECT.
+    raw = RawFile(path)
+    try:
+        assert raw.read(0, 3 * ALIGNMENT, "small").numpy().tobytes() == content[: 3 * ALIGNMENT]
+        assert raw._direct_ready()
+        assert raw._cached_bytes(4 * ALIGNMENT, MIN_DIRECT_BYTES) == 0
+    finally:
+        raw.close()
+
+
+@needs_direct
 def test_cached_prefix_read_buffered(data_file: tuple[Path, bytes]) -> None:
     path, content = data_file
     require_direct(path.parent)
