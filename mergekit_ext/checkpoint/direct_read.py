@@ -103,11 +103,11 @@ class RawFile:
     def _advise_read_ahead(self) -> None:
         """Set the kernel's read-ahead for the buffered descriptor.
 
-        With O_DIRECT for the large ranges, buffered reads are the small tensors between
-        them, and read-ahead after each one (8 MB on the development VM, 16 MB with
-        sequential advice) would fill the page cache with the large ranges that follow.
-        `_cached_bytes` then finds them cached, their buffered copies trigger more
-        read-ahead, and the merge ends up reading through the page cache after all. So
+        While O_DIRECT reads the large ranges, the buffered reads are the small tensors
+        between them. Read-ahead after each one (8 MB on the development VM, and Linux
+        doubles it for sequential advice) would cache the large ranges that follow.
+        `_cached_bytes` would then find them cached, their buffered copies would trigger
+        more read-ahead, and the merge would read through the page cache after all. So
         read-ahead is off while O_DIRECT is in use, and doubled when every read is buffered.
         """
         if hasattr(os, "posix_fadvise"):

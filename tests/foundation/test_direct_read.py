@@ -103,7 +103,7 @@ def test_uncached_read_skips_page_cache(data_file: tuple[Path, bytes]) -> None:
 
 
 @needs_direct
-def test_small_reads_leave_large_ranges_uncached(data_file: tuple[Path, bytes]) -> None:
+def test_small_read_skips_read_ahead(data_file: tuple[Path, bytes]) -> None:
     path, content = data_file
     require_direct(path.parent)
     evict(path)
