@@ -3,10 +3,12 @@
 Planning checks every input before anything is written: tensor names, shapes,
 vocabulary sizes, parameters and free disk space. The merge then walks the base
 model's tensors in file order. A small thread pool reads the next tensors while the
-current one is merged, and a writer thread writes the previous result. The read-ahead
-is bounded by count (`prefetch` units) and by bytes (`prefetch_bytes`, float32), so
-peak memory stays near (inputs + 2) times the largest tensor plus that window,
-whatever the model size. For elementwise methods (linear, task arithmetic) a unit is
+current one is merged, and a writer thread writes the previous result. Up to
+`merge_workers` units merge side by side, so a kernel that runs on one core at a time
+leaves the other cores busy with the next unit. The read-ahead and the merges
+beside the oldest one are bounded by count (`prefetch` units) and by bytes
+(`prefetch_bytes`, float32), so peak memory stays near (inputs + 2) times the largest
+tensor plus that window, whatever the model size. For elementwise methods (linear, task arithmetic) a unit is
 a block of at most `block_elements` entries of a large tensor, so memory stays near
 (inputs + 2) blocks plus the window.
 """
@@ -64,6 +66,7 @@ class MergeOptions:
     prefetch: int = 4
     prefetch_bytes: int = 1 << 30
     read_threads: int = 4
+    merge_workers: int = 2  # units merged side by side
     block_elements: int = 1 << 21  # row blocks of elementwise merges: 8 MiB per input in float32
     tokenizer_from: Path | None = None
     recipe_path: Path | None = None
@@ -487,14 +490,20 @@ def _stream(
     checkpoints = [c for c in [inputs.base, *inputs.models] if c is not None]
     if progress is not None:
         progress(0, len(plan), "")
+    merge_workers = max(1, options.merge_workers)
     # Writes run on their own thread, one at a time, while the next unit merges. Copying
     # the output into the page cache took 1.8 s of a profiled 13.5 s TIES merge (Qwen2-0.5B shapes).
     with ThreadPoolExecutor(max_workers=max(1, options.read_threads)) as pool, ThreadPoolExecutor(
-        max_workers=1, thread_name_prefix="mergekit-ext-writer"
-    ) as write_pool:
+        max_workers=merge_workers, thread_name_prefix="mergekit-ext-merge"
+    ) as merge_pool, ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergekit-ext-writer") as write_pool:
         # One read per input and unit, so the inputs of one unit load in parallel.
         pending: deque[tuple[_Unit, list[Future[torch.Tensor]]]] = deque()
+        # Units being merged, oldest first. Their results are written in this order.
+        merging: deque[tuple[_Unit, Future[torch.Tensor]]] = deque()
         writing: Future[None] | None = None
+        # Bytes held by the window: units read or being read, and units merging beside
+        # the oldest one. The oldest merging unit is outside it, so the window refills
+        # while a large unit (an embedding table, say) is merged.
         in_flight = 0
         position = 0
         tensors_done = 0
@@ -515,30 +524,57 @@ def _stream(
                 in_flight += size
                 position += 1
 
-        read_ahead()
-        for _ in range(len(units)):
-            unit, futures = pending.popleft()
-            in_flight -= unit_bytes(unit)
-            # Refill the window before merging, so the disk keeps reading while a large
-            # unit (an embedding table, say) is merged.
+        def start_merges() -> None:
+            # A unit merges beside older ones only when the window has room for it, so
+            # concurrent merges never hold more than the window allows.
+            nonlocal in_flight
+            while pending and len(merging) < merge_workers:
+                unit, futures = pending[0]
+                if merging and in_flight > options.prefetch_bytes:
+                    break
+                pending.popleft()
+                if not merging:
+                    in_flight -= unit_bytes(unit)
+                merging.append((unit, merge_pool.submit(_merge_loaded, unit, futures, inputs, method, options.seed)))
+
+        try:
             read_ahead()
-            loaded = [future.result() for future in futures]
-            base = loaded[0] if inputs.base is not None else None
-            models = loaded[1:] if inputs.base is not None else loaded
-            merged = _merge_one(unit.item, base, models, method, options.seed)
-            del base, models, loaded
+            for _ in range(len(units)):
+                start_merges()
+                # Refill the window before waiting, so the disk keeps reading while units merge.
+                read_ahead()
+                unit, merging_now = merging.popleft()
+                merged = merging_now.result()
+                if merging:
+                    # The next unit becomes the oldest merge, which the window does not count.
+                    in_flight -= unit_bytes(merging[0][0])
+                if writing is not None:
+                    # At most one output unit waits to be written.
+                    writing.result()
+                row_start = None if unit.rows is None else unit.rows[0]
+                writing = write_pool.submit(writer.write, unit.item.name, merged, row_start)
+                del merged
+                if unit.completes_tensor:
+                    tensors_done += 1
+                    if progress is not None:
+                        progress(tensors_done, len(plan), unit.item.name)
             if writing is not None:
-                # At most one output unit waits to be written.
                 writing.result()
-            row_start = None if unit.rows is None else unit.rows[0]
-            writing = write_pool.submit(writer.write, unit.item.name, merged, row_start)
-            del merged
-            if unit.completes_tensor:
-                tensors_done += 1
-                if progress is not None:
-                    progress(tensors_done, len(plan), unit.item.name)
-        if writing is not None:
-            writing.result()
+        except BaseException:
+            # Stop queued reads and merges, so the error reaches the user without waiting for them.
+            for executor in (pool, merge_pool, write_pool):
+                executor.shutdown(wait=False, cancel_futures=True)
+            raise
+
+
+def _merge_loaded(
+    unit: _Unit, futures: list[Future[torch.Tensor]], inputs: _Inputs, method: MergeMethod, seed: int
+) -> torch.Tensor:
+    """Wait for one unit's reads and merge it."""
+    loaded = [future.result() for future in futures]
+    base = loaded[0] if inputs.base is not None else None
+    models = loaded[1:] if inputs.base is not None else loaded
+    return _merge_one(unit.item, base, models, method, seed)
 
 
 def _merge_one(

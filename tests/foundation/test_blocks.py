@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -12,6 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from mergekit_ext.checkpoint import Checkpoint, PlannedTensor, StreamingWriter
 from mergekit_ext.checkpoint.hashing import files_sha256
+from mergekit_ext import engine
 from mergekit_ext.engine import MergeOptions, _all_finite, run_recipe
 from mergekit_ext.errors import CheckpointError, InvalidTensorError, OutputError
 from mergekit_ext.recipe import parse_recipe
@@ -187,3 +190,56 @@ def test_ties_bf16_nan_is_named(tiny_models: ModelFactory, tmp_path: Path) -> No
     assert name in str(error.value)
     assert str(second) in str(error.value)
     assert not (tmp_path / "out").exists()
+
+
+def concurrency_probe(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Record the largest number of units merging at once, in the returned list's first item."""
+    lock = threading.Lock()
+    state = {"now": 0}
+    peak = [0]
+    merge_one = engine._merge_one
+
+    def counted(*args: object, **kwargs: object) -> torch.Tensor:
+        with lock:
+            state["now"] += 1
+            peak[0] = max(peak[0], state["now"])
+        try:
+            # A short pause, so a unit that could merge beside this one gets the chance.
+            time.sleep(0.002)
+            return merge_one(*args, **kwargs)
+        finally:
+            with lock:
+                state["now"] -= 1
+
+    monkeypatch.setattr(engine, "_merge_one", counted)
+    return peak
+
+
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "task_arithmetic"])
+def test_concurrent_merges_match_one_at_a_time(
+    tiny_models: ModelFactory, tmp_path: Path, method: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    base, *models = tiny_models(3)
+    peak = concurrency_probe(monkeypatch)
+    outputs = {}
+    progress: dict[int, list[tuple[int, int, str]]] = {}
+    for workers in (1, 3):
+        options = MergeOptions(output=tmp_path / f"workers-{workers}", merge_workers=workers, block_elements=100, seed=5)
+        calls = progress.setdefault(workers, [])
+        run_recipe(recipe(method, base, models), options, lambda *call: calls.append(call))
+        outputs[workers] = (options.output / "model.safetensors").read_bytes()
+    assert outputs[3] == outputs[1]
+    assert progress[3] == progress[1]
+    assert [done for done, _, _ in progress[3]] == list(range(len(progress[3])))
+    assert peak[0] == 3
+
+
+def test_concurrent_merges_stay_in_window(
+    tiny_models: ModelFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    base, *models = tiny_models(3)
+    peak = concurrency_probe(monkeypatch)
+    # A window of one byte admits no unit beside the oldest, so merges run one at a time.
+    options = MergeOptions(output=tmp_path / "out", merge_workers=3, prefetch_bytes=1)
+    run_recipe(recipe("ties", base, models), options)
+    assert peak[0] == 1
