@@ -7,12 +7,14 @@ and a one-line description shown by `--help`.
 
 from __future__ import annotations
 
+import atexit
 import importlib
 import logging
+import os
 import signal
 import sys
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 
@@ -126,7 +128,34 @@ def main() -> None:
     except click.ClickException as error:
         click.echo(_one_line_usage_error(error), err=True)
         sys.exit(error.exit_code)
-    sys.exit(status if isinstance(status, int) else 0)
+    code = status if isinstance(status, int) else 0
+    if _skip_teardown:
+        _exit_without_teardown(code)
+    sys.exit(code)
+
+
+# Set by a command whose work is done and whose files are closed (see `skip_teardown`).
+_skip_teardown = False
+
+
+def skip_teardown() -> None:
+    """Let `main` end the process without tearing down the interpreter once the command returns.
+
+    Call it only after every file the command wrote is closed. Freeing every object of
+    torch and numba at exit took 0.5 to 0.6 s (measured) after a 6 s task arithmetic merge on
+    the 2-core development VM.
+    """
+    global _skip_teardown
+    _skip_teardown = True
+
+
+def _exit_without_teardown(code: int) -> NoReturn:
+    # The exit handlers still run (logging flushes its handlers there), and the output
+    # streams are flushed, so only the teardown of modules and objects is skipped.
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _one_line_usage_error(error: click.ClickException) -> str:
@@ -143,4 +172,7 @@ def _exit_on_signal(signal_number: int, frame: object) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the main of the imported module, whose state (`skip_teardown`) the commands share.
+    from mergekit_ext.cli.main import main as entry_point
+
+    entry_point()

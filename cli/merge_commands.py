@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from mergekit_ext.cli.main import GlobalOptions
+from mergekit_ext.cli.main import GlobalOptions, skip_teardown
 from mergekit_ext.cli.options import GreedyCommand, output_options
 from mergekit_ext.cli.progress import progress_callback
 
@@ -38,6 +38,8 @@ def _run(recipe: Any, global_options: GlobalOptions, options: dict[str, Any], re
     with progress_callback(f"{recipe.merge_method} merge") as update:
         report = run_recipe(recipe, merge_options, progress=update)
     click.echo(report.summary())
+    # The output is committed and its files are closed, so the process may end at once.
+    skip_teardown()
 
 
 @click.command("run", cls=GreedyCommand)

@@ -116,6 +116,33 @@ def test_refused_output_prints_no_progress_bar(tiny_models: ModelFactory, tmp_pa
     assert "--force" in lines[0]
 
 
+EXIT_PROGRAM = """
+import atexit
+import sys
+
+atexit.register(lambda: print("exit handler ran"))
+from mergekit_ext.cli.main import main
+
+sys.argv = ["merge", *sys.argv[1:]]
+main()
+"""
+
+
+def test_merge_exit_flushes_output(tiny_models: ModelFactory, tmp_path: Path) -> None:
+    # A finished merge ends the process without tearing down the interpreter: exit
+    # handlers still run, and piped output still arrives.
+    base, first = tiny_models(2)
+    out = tmp_path / "out"
+    command = [sys.executable, "-c", EXIT_PROGRAM, "ties", "-b", str(base), "-m", str(first), "-o", str(out)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "Merged" in result.stdout
+    assert result.stdout.rstrip().endswith("exit handler ran")
+    merged = load_file(str(out / "model.safetensors"))
+    assert set(merged) == set(load_file(str(base / "model.safetensors")))
+    assert (out / "README.md").is_file()
+
+
 def test_underscore_command_names() -> None:
     result = invoke("task_arithmetic", "--help")
     assert result.exit_code == 0
