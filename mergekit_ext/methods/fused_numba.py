@@ -29,8 +29,14 @@ def _fma(typing_context, a, b, c):  # type: ignore[no-untyped-def]
 @njit(inline="always")
 def _load(source, start, count, shift, bits):  # type: ignore[no-untyped-def]
     chunk = source[start : start + count]
-    for k in range(count):
-        bits[k] = np.uint32(chunk[k]) << shift
+    # A constant shift keeps the loop in 32-bit lanes. With a shift by a variable, the
+    # compiled loop worked in 64-bit lanes (vpsllvq), half as many per instruction.
+    if shift == 16:
+        for k in range(count):
+            bits[k] = np.uint32(chunk[k]) << np.uint32(16)
+    else:
+        for k in range(count):
+            bits[k] = np.uint32(chunk[k])
 
 
 @njit(inline="always")
@@ -102,11 +108,12 @@ def band(model, base, shift, low, high, values, positions):  # type: ignore[no-u
             if members[group] == 0:
                 continue
             first = group * GROUP
-            for k in range(first, min(first + GROUP, size)):
+            group_magnitudes = magnitudes[first : min(first + GROUP, size)]
+            for k in range(group_magnitudes.shape[0]):
                 # Written unconditionally, kept by advancing the count: no branch to mispredict.
-                values[count] = magnitudes[k]
-                positions[count] = start + k
-                count += (magnitudes[k] >= low) & (magnitudes[k] <= high)
+                values[count] = group_magnitudes[k]
+                positions[count] = start + first + k
+                count += (group_magnitudes[k] >= low) & (group_magnitudes[k] <= high)
     return above, count, inside_total
 
 
@@ -187,11 +194,17 @@ def consensus(  # type: ignore[no-untyped-def]
                 row[k] = term
                 summed[k] += term
             threshold = thresholds[j]
-            for k in range(split, size):
-                delta = model_values[k] - base_values[k]
+            # Views from `split` on, so that this loop also indexes from 0 and vectorizes.
+            # Indexed from `split`, the kernel took 2.6 times as long on 4 models.
+            tail_model = model_values[split:size]
+            tail_base = base_values[split:size]
+            tail_row = row[split:size]
+            tail_summed = summed[split:size]
+            for k in range(size - split):
+                delta = tail_model[k] - tail_base[k]
                 term = (delta if abs(delta) > threshold else zero) * scale * weight
-                row[k] = term
-                summed[k] += term
+                tail_row[k] = term
+                tail_summed[k] += term
         for k in range(size):
             # The elected sign: + where the sum is >= 0 (-0.0 included).
             signs[k] = plus if summed[k] >= zero else minus
