@@ -32,10 +32,6 @@ def _merge_options(global_options: GlobalOptions, options: dict[str, Any], recip
 
 
 def _run(recipe: Any, global_options: GlobalOptions, options: dict[str, Any], recipe_path: Path | None = None) -> None:
-    from mergekit_ext.checkpoint.warmup import start_warmup
-
-    # The disk starts on the inputs while the engine, torch and numba are imported.
-    start_warmup([reference for reference in [recipe.base_model, *(entry.model for entry in recipe.models)] if reference])
     from mergekit_ext.engine import run_recipe
 
     merge_options = _merge_options(global_options, options, recipe_path)
