@@ -153,8 +153,15 @@ def _exit_without_teardown(code: int) -> NoReturn:
     # The exit handlers still run (logging flushes its handlers there), and the output
     # streams are flushed, so only the teardown of modules and objects is skipped.
     atexit._run_exitfuncs()
-    sys.stdout.flush()
-    sys.stderr.flush()
+    for stream in (sys.stdout, sys.stderr):
+        # A stream is None when the caller closed it (`>&-`), and a flush fails when the
+        # reader of a pipe has gone. The output is committed either way.
+        if stream is None:
+            continue
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
     os._exit(code)
 
 

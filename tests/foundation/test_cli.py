@@ -143,6 +143,17 @@ def test_merge_exit_flushes_output(tiny_models: ModelFactory, tmp_path: Path) ->
     assert (out / "README.md").is_file()
 
 
+def test_merge_with_stdout_closed(tiny_models: ModelFactory, tmp_path: Path) -> None:
+    base, first = tiny_models(2)
+    out = tmp_path / "out"
+    command = [sys.executable, "-c", EXIT_PROGRAM, "ties", "-b", str(base), "-m", str(first), "-o", str(out)]
+    # The shell's `>&-`: the child starts without a standard output.
+    result = subprocess.run(["bash", "-c", '"$@" >&-', "bash", *command], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    assert (out / "model.safetensors").is_file()
+
+
 def test_underscore_command_names() -> None:
     result = invoke("task_arithmetic", "--help")
     assert result.exit_code == 0
