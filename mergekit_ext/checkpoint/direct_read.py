@@ -9,8 +9,8 @@ O_DIRECT reads into reused 8 MB buffers on one thread it took 2.8 to 3.1 s of wa
 time and 0.1 s of system time.
 
 `RawFile.read` therefore reads a range of at least `MIN_DIRECT_BYTES` with O_DIRECT,
-except for the part already in the page cache (`mincore` on a mapping of the file),
-which a buffered read copies at memory speed. Small ranges, systems without O_DIRECT
+unless the whole range is in the page cache (`mincore` on a mapping of the file), which
+a buffered read then copies at memory speed. Small ranges, systems without O_DIRECT
 and file systems that reject it (tmpfs on older kernels, some network file systems) use
 buffered reads.
 """
@@ -91,11 +91,14 @@ class RawFile:
         storage = torch.empty(nbytes + 3 * ALIGNMENT, dtype=torch.uint8)
         start = ALIGNMENT + (offset - storage.data_ptr()) % ALIGNMENT
         view = memoryview(storage.numpy())
-        cached = self._cached_bytes(offset, nbytes)
-        if cached:
-            self._pread_all(self.descriptor, view, start, offset, cached, description)
-        if cached < nbytes:
-            self._read_direct(view, start, offset, offset + cached, offset + nbytes, description)
+        if self._cached_bytes(offset, nbytes) == nbytes:
+            self._pread_all(self.descriptor, view, start, offset, nbytes, description)
+        else:
+            # A partly cached range is read whole with O_DIRECT. A buffered copy of its
+            # cached part could reach a page that another reader's read-ahead marked, and
+            # Linux then reads the next window ahead even with POSIX_FADV_RANDOM, so each
+            # range would leave the next one partly cached (seen on Linux 6.18).
+            self._read_direct(view, start, offset, offset, offset + nbytes, description)
         data = storage[start : start + nbytes]
         self._feed_digest(offset, data)
         return data

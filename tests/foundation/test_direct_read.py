@@ -120,17 +120,39 @@ def test_small_read_skips_read_ahead(data_file: tuple[Path, bytes]) -> None:
 
 
 @needs_direct
-def test_cached_prefix_read_buffered(data_file: tuple[Path, bytes]) -> None:
+def test_partly_cached_range_read_direct(data_file: tuple[Path, bytes]) -> None:
     path, content = data_file
     require_direct(path.parent)
     evict(path)
     prefix = MIN_DIRECT_BYTES + 5 * ALIGNMENT
-    with path.open("rb") as handle:
-        assert handle.read(prefix) == content[:prefix]
+    # Cache the prefix without read-ahead, so no read still in flight adds pages later.
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(descriptor, 0, 0, os.POSIX_FADV_RANDOM)
+        assert os.pread(descriptor, prefix, 0) == content[:prefix]
+    finally:
+        os.close(descriptor)
+    cached_before = cached_bytes(path)
+    assert cached_before >= prefix
+    raw = RawFile(path)
+    try:
+        data = raw.read(100, len(content) - 100, "range")
+    finally:
+        raw.close()
+    assert data.numpy().tobytes() == content[100:]
+    # Read whole with O_DIRECT, so the page cache holds no more of the file than before.
+    assert cached_bytes(path) <= cached_before
+
+
+@needs_direct
+def test_cached_range_read_buffered(data_file: tuple[Path, bytes]) -> None:
+    path, content = data_file
+    require_direct(path.parent)
+    assert path.read_bytes() == content
     raw = RawFile(path)
     try:
         assert raw._direct_ready()
-        assert raw._cached_bytes(100, 2 * MIN_DIRECT_BYTES) >= prefix - 100
+        assert raw._cached_bytes(100, 2 * MIN_DIRECT_BYTES) == 2 * MIN_DIRECT_BYTES
         data = raw.read(100, 2 * MIN_DIRECT_BYTES, "range")
     finally:
         raw.close()
