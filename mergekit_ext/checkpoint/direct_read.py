@@ -95,9 +95,9 @@ class RawFile:
             self._pread_all(self.descriptor, view, start, offset, nbytes, description)
         else:
             # A partly cached range is read whole with O_DIRECT. A buffered copy of its
-            # cached part could reach a page that another reader's read-ahead marked, and
-            # Linux then reads the next window ahead even with POSIX_FADV_RANDOM, so each
-            # range would leave the next one partly cached (seen on Linux 6.18).
+            # cached part could reach a page that another reader's read-ahead marked.
+            # Linux then reads the next window ahead even with POSIX_FADV_RANDOM (seen on
+            # 6.18), and each range would leave the next one partly cached.
             self._read_direct(view, start, offset, offset, offset + nbytes, description)
         data = storage[start : start + nbytes]
         self._feed_digest(offset, data)
