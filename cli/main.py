@@ -171,6 +171,17 @@ def _one_line_usage_error(error: click.ClickException) -> str:
     context = getattr(error, "ctx", None)
     if context is None:
         return f"Error: {message}"
+    if isinstance(error, click.NoSuchOption) and context.parent is not None:
+        # A global option given after the command name (merge ties --seed 7 ...).
+        global_options = {name: parameter for parameter in cli.params for name in parameter.opts}
+        parameter = global_options.get(error.option_name)
+        if parameter is not None:
+            command = context.command_path.split()[-1]
+            usage = error.option_name if getattr(parameter, "is_flag", False) else f"{error.option_name} VALUE"
+            return (
+                f"Error: {error.option_name} is a global option: put it before the command, "
+                f"as in 'merge {usage} {command} ...'. See 'merge --help'."
+            )
     return f"Error: {message} See '{context.command_path} --help' for the options."
 
 

@@ -103,6 +103,19 @@ def test_usage_error_one_line(tmp_path: Path, arguments: list[str], expected: st
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize(
+    ("option", "usage"), [("--seed", "merge --seed VALUE ties ..."), ("--debug", "merge --debug ties ...")]
+)
+def test_global_option_after_command(option: str, usage: str) -> None:
+    arguments = ["ties", option] if option == "--debug" else ["ties", option, "7"]
+    result = run_merge(*arguments)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert f"{option} is a global option" in lines[0]
+    assert usage in lines[0]
+
+
 def test_refused_output_prints_no_progress_bar(tiny_models: ModelFactory, tmp_path: Path) -> None:
     # The output check fails before any tensor is merged: only the error line is printed.
     base, first = tiny_models(2)
