@@ -211,6 +211,12 @@ def _open_inputs(recipe: Recipe, method: MergeMethod, options: MergeOptions) -> 
         raise RecipeError(
             f"no models to merge{listed}: list at least one other model under 'models' (or in --models)"
         )
+    if len(model_paths) < len(recipe.models):
+        logger.warning(
+            "The base model %s is also listed under the models; it is left out of them, as "
+            "mergekit 0.1.5 does, and the merge is the same as without that entry.",
+            recipe.base_model,
+        )
     models = [Checkpoint.open(resolve_model_reference(path), allow_pickle=options.allow_pickle) for path in model_paths]
     return _Inputs(base=base, models=models, reference=base or models[0])
 

@@ -243,3 +243,17 @@ def test_concurrent_merges_stay_in_window(
     options = MergeOptions(output=tmp_path / "out", merge_workers=3, prefetch_bytes=1)
     run_recipe(recipe("ties", base, models), options)
     assert peak[0] == 1
+
+
+def test_base_listed_as_model_warns(
+    tiny_models: ModelFactory, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    base, first, second = tiny_models(3)
+    plain = run_recipe(recipe("ties", base, [first, second]), MergeOptions(output=tmp_path / "plain"))
+    with caplog.at_level("WARNING", logger="mergekit_ext.engine"):
+        # Last in the list, so the other models keep their weights.
+        listed = run_recipe(recipe("ties", base, [first, second, base]), MergeOptions(output=tmp_path / "listed"))
+    assert any("also listed under the models" in record.getMessage() for record in caplog.records)
+    assert listed.tensors == plain.tensors
+    merged = (tmp_path / "listed" / "model.safetensors").read_bytes()
+    assert merged == (tmp_path / "plain" / "model.safetensors").read_bytes()
