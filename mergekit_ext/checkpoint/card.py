@@ -163,7 +163,9 @@ class ModelCard:
             or (
                 "The exact recipe is in `merge_recipe.yaml`; run it with "
                 f"`merge{'' if self.seed is None else f' --seed {self.seed}'} run merge_recipe.yaml "
-                "--output OUT` after pointing the model entries at the same inputs."
+                "--output OUT`. Its model entries are the paths this merge read; on another "
+                "machine, point them at copies of the same inputs (the SHA-256 digests above "
+                "identify them)."
             ),
             "",
         ]

@@ -66,6 +66,8 @@ def test_classic_card_metadata() -> None:
     assert "- **Seed:** `7`" in markdown
     assert f"mergekit-ext {__version__}" in markdown
     assert yaml_blocks(markdown) == [{"merge_method": "ties", "parameters": {"density": 0.5}}]
+    assert "`merge --seed 7 run merge_recipe.yaml --output OUT`" in markdown
+    assert "point them at copies of the same inputs" in markdown
 
 
 def test_input_names_without_repo_id() -> None:
