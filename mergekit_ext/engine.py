@@ -8,9 +8,9 @@ current one is merged, and a writer thread writes the previous result. Up to
 leaves the other cores busy with the next unit. The read-ahead and the merges
 beside the oldest one are bounded by count (`prefetch` units) and by bytes
 (`prefetch_bytes`, float32), so peak memory stays near (inputs + 2) times the largest
-tensor plus that window, whatever the model size. For elementwise methods (linear, task arithmetic) a unit is
-a block of at most `block_elements` entries of a large tensor, so memory stays near
-(inputs + 2) blocks plus the window.
+tensor plus that window, whatever the model size. For elementwise methods (linear,
+task arithmetic) a unit is a block of at most `block_elements` entries of a large
+tensor, so memory stays near (inputs + 2) blocks plus the window.
 """
 
 from __future__ import annotations
@@ -531,8 +531,8 @@ def _stream(
                 position += 1
 
         def start_merges() -> None:
-            # A unit merges beside older ones only when the window has room for it, so
-            # concurrent merges never hold more than the window allows.
+            # A unit merges beside older ones only while the window has room, so the
+            # merges beside the oldest one stay within the window.
             nonlocal in_flight
             while pending and len(merging) < merge_workers:
                 unit, futures = pending[0]
