@@ -102,7 +102,44 @@ def _make_method_command(command_name: str, method: str, requires_base: bool, me
         type=click.Path(exists=True),
         help="Base model folder (task vectors are taken against it)." if requires_base else "Optional base model.",
     )(command)
-    return click.command(command_name, cls=GreedyCommand, help=summary)(command)
+    built = click.command(command_name, cls=MethodCommand, help=summary)(command)
+    built.method = method
+    built.method_options = tuple(method_options)
+    return built
+
+
+class MethodCommand(GreedyCommand):
+    """A per-method command whose help shows the method's parameter defaults.
+
+    The defaults live with the methods, which import torch, so they are looked up only
+    when the help is shown, and `merge --help` stays fast.
+    """
+
+    method: str = ""
+    method_options: tuple[MethodOption, ...] = ()
+
+    def format_help(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        """Add each method option's default to its help text, then format the help."""
+        from mergekit_ext.methods import get_method
+
+        specs = {spec.name: spec for spec in get_method(self.method).parameters}
+        keys = {_option_key(option): option for option in self.method_options}
+        for parameter in self.params:
+            option = keys.get(parameter.name or "")
+            spec = specs.get(option.parameter) if option is not None else None
+            if not isinstance(parameter, click.Option) or spec is None or parameter.help is None:
+                continue
+            if "Default:" not in parameter.help:
+                parameter.help = f"{parameter.help} Default: {_default_text(spec)}."
+        super().format_help(ctx, formatter)
+
+
+def _default_text(spec: Any) -> str:
+    if spec.default is None:
+        return "none, required"
+    if spec.is_flag:
+        return "on" if spec.default else "off"
+    return f"{spec.default:g}"
 
 
 def _option_key(option: MethodOption) -> str:

@@ -167,6 +167,17 @@ def test_merge_with_stdout_closed(tiny_models: ModelFactory, tmp_path: Path) -> 
     assert (out / "model.safetensors").is_file()
 
 
+def test_method_help_shows_defaults() -> None:
+    ties_help = " ".join(invoke("ties", "--help").output.split())
+    assert "Fraction of each task vector kept (one value or one per model). Default: 1." in ties_help
+    assert "Divide by the sum of weights. Default: on." in ties_help
+    slerp_help = " ".join(invoke("slerp", "--help").output.split())
+    assert "Default: none, required." in slerp_help
+    # Shown a second time, the help still names each default once.
+    again = " ".join(invoke("ties", "--help").output.split())
+    assert again.count("Default: on.") == 1
+
+
 def test_underscore_command_names() -> None:
     result = invoke("task_arithmetic", "--help")
     assert result.exit_code == 0
