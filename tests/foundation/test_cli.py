@@ -178,6 +178,12 @@ def test_method_help_shows_defaults() -> None:
     assert again.count("Default: on.") == 1
 
 
+def test_python_m_package_runs_cli() -> None:
+    result = subprocess.run([sys.executable, "-m", "mergekit_ext", "--version"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert __version__ in result.stdout
+
+
 def test_underscore_command_names() -> None:
     result = invoke("task_arithmetic", "--help")
     assert result.exit_code == 0
