@@ -507,7 +507,7 @@ def _stream(
         # Units being merged, oldest first. Their results are written in this order.
         merging: deque[tuple[_Unit, Future[torch.Tensor]]] = deque()
         writing: Future[None] | None = None
-        # Bytes held by the window: units read or being read, and units merging beside
+        # Bytes in the window: units read or being read, and units merging beside
         # the oldest one. The oldest merging unit is outside it, so the window refills
         # while a large unit (an embedding table, say) is merged.
         in_flight = 0

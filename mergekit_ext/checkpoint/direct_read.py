@@ -98,7 +98,7 @@ class RawFile:
             # cached part could reach a page that another reader's read-ahead marked.
             # Linux then reads the next window ahead even with POSIX_FADV_RANDOM (seen on
             # 6.18), and each range would leave the next one partly cached.
-            self._read_direct(view, start, offset, offset, offset + nbytes, description)
+            self._read_direct(view, start, offset, offset + nbytes, description)
         data = storage[start : start + nbytes]
         self._feed_digest(offset, data)
         return data
@@ -181,10 +181,10 @@ class RawFile:
             missing = pages
         return max(0, min(nbytes, (first_page + missing) * PAGE_SIZE - offset))
 
-    def _read_direct(self, view: memoryview, start: int, origin: int, begin: int, end: int, description: str) -> None:
-        """Read file bytes [begin, end) with O_DIRECT into `view`, where file offset `origin` is at `start`."""
+    def _read_direct(self, view: memoryview, start: int, origin: int, end: int, description: str) -> None:
+        """Read file bytes [origin, end) with O_DIRECT into `view`, with file offset `origin` at `start`."""
         assert self._direct_descriptor is not None
-        position = begin - begin % ALIGNMENT
+        position = origin - origin % ALIGNMENT
         while position < end:
             length = min(MAX_REQUEST_BYTES, -(-(end - position) // ALIGNMENT) * ALIGNMENT)
             target = start + (position - origin)

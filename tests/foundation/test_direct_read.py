@@ -140,7 +140,7 @@ def test_partly_cached_range_read_direct(data_file: tuple[Path, bytes]) -> None:
     finally:
         raw.close()
     assert data.numpy().tobytes() == content[100:]
-    # Read whole with O_DIRECT, so the page cache holds no more of the file than before.
+    # Read whole with O_DIRECT, so the page cache contains no more of the file than before.
     assert cached_bytes(path) <= cached_before
 
 
