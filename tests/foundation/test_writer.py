@@ -137,7 +137,7 @@ def test_disk_full_while_writing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
         with writer:
             writer.write("a", state["a"])
             shard = writer._shards[0]
-            monkeypatch.setattr(shard.handle, "write", full_disk)
+            monkeypatch.setattr(shard.handle, "write_at", full_disk)
             writer.write("b", state["b"])
     assert not (tmp_path / "out").exists()
     assert leftover_partials(tmp_path) == []
