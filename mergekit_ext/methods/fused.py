@@ -52,11 +52,18 @@ GROUP = 64
 
 @dataclass(frozen=True)
 class Band:
-    """The result of a selection pass: entries above the band, and the band's entries in flat order."""
+    """The result of a selection pass.
+
+    `above` counts the entries above the band. `values` and `positions` hold the band's
+    other entries in flat order, and `ties` counts those equal to the tie value, whose
+    count in each chunk of CHUNK entries is in `chunk_ties`.
+    """
 
     above: int
     values: torch.Tensor
     positions: torch.Tensor
+    ties: int
+    chunk_ties: torch.Tensor
 
 
 @dataclass(frozen=True)
@@ -94,37 +101,29 @@ def accepts(tensors: Sequence[torch.Tensor]) -> bool:
     )
 
 
-def band(model: torch.Tensor, base: torch.Tensor, low: float, high: float, capacity: int) -> Band:
+def band(
+    model: torch.Tensor, base: torch.Tensor, low: float, high: float, capacity: int, tie: float = -1.0
+) -> Band:
     """Count |model - base| above `high`, and collect the entries in [low, high] with their positions.
 
-    `capacity` is the expected number of entries in the band. When more fall inside
-    (ties at the bracket's ends, frequent with bf16 inputs), a second pass collects
-    them into buffers of the counted size.
+    Entries equal to `tie` are counted, not collected. bf16 task vectors often put a
+    few percent of their entries on the one value where the cut falls, and collecting
+    them was most of the pass's time. The default, -1, matches no magnitude.
+    `capacity` is the expected number of collected entries. When more fall inside,
+    a second pass collects them into buffers of the counted size.
     """
     kernels = _require()
+    chunk_ties = torch.empty(-(-model.numel() // CHUNK), dtype=torch.int64)
     while True:
         values = torch.empty(capacity + GROUP, dtype=torch.float32)
         positions = torch.empty(capacity + GROUP, dtype=torch.int64)
         above, count, inside = kernels.band(
-            _bits(model), _bits(base), _shift(base), np.float32(low), np.float32(high),
-            values.numpy(), positions.numpy(),
+            _bits(model), _bits(base), _shift(base), np.float32(low), np.float32(high), np.float32(tie),
+            values.numpy(), positions.numpy(), chunk_ties.numpy(),
         )
         if inside <= capacity:
-            return Band(int(above), values[:count], positions[:count])
+            return Band(int(above), values[:count], positions[:count], int(chunk_ties.sum()), chunk_ties)
         capacity = int(inside)
-
-
-def count_from(model: torch.Tensor, base: torch.Tensor, value: float) -> tuple[int, int]:
-    """Return how many |model - base| entries are above `value` and how many are at or above it."""
-    kernels = _require()
-    above, at_or_above = kernels.count_from(_bits(model), _bits(base), _shift(base), np.float32(value))
-    return int(above), int(at_or_above)
-
-
-def nth_equal_position(model: torch.Tensor, base: torch.Tensor, value: float, n: int) -> int:
-    """Return the flat index of the `n`-th entry (from 1) whose |model - base| equals `value`, or -1."""
-    kernels = _require()
-    return int(kernels.nth_equal(_bits(model), _bits(base), _shift(base), np.float32(value), n))
 
 
 def consensus(

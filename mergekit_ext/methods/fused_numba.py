@@ -62,7 +62,7 @@ def _store(values, bits, count, output, round_to_bf16):  # type: ignore[no-untyp
 
 
 @njit(cache=True, nogil=True)
-def band(model, base, shift, low, high, values, positions):  # type: ignore[no-untyped-def]
+def band(model, base, shift, low, high, tie, values, positions, chunk_ties):  # type: ignore[no-untyped-def]
     total = base.shape[0]
     capacity = values.shape[0] - GROUP
     base_bits, model_bits, base_values, model_values = _chunk_buffers()
@@ -76,30 +76,39 @@ def band(model, base, shift, low, high, values, positions):  # type: ignore[no-u
         _load(base, start, size, shift, base_bits)
         _load(model, start, size, shift, model_bits)
         # Count per group of GROUP entries (a fixed trip count, so the loop vectorizes),
-        # then collect from the groups that have members only.
+        # then collect from the groups that have members only. Entries equal to `tie`
+        # are counted per chunk and not collected.
         groups = size // GROUP
         inside = 0
+        ties = 0
         for group in range(groups + 1):
             first = group * GROUP
             group_above = 0
             group_inside = 0
+            group_ties = 0
             if group < groups:
                 for k in range(GROUP):
                     magnitude = abs(model_values[first + k] - base_values[first + k])
                     magnitudes[first + k] = magnitude
                     is_above = magnitude > high
+                    is_tie = magnitude == tie
                     group_above += is_above
-                    group_inside += (magnitude >= low) & (not is_above)
+                    group_ties += is_tie
+                    group_inside += (magnitude >= low) & (not is_above) & (not is_tie)
             else:
                 for k in range(first, size):
                     magnitude = abs(model_values[k] - base_values[k])
                     magnitudes[k] = magnitude
                     is_above = magnitude > high
+                    is_tie = magnitude == tie
                     group_above += is_above
-                    group_inside += (magnitude >= low) & (not is_above)
+                    group_ties += is_tie
+                    group_inside += (magnitude >= low) & (not is_above) & (not is_tie)
             above += group_above
+            ties += group_ties
             members[group] = group_inside
             inside += group_inside
+        chunk_ties[start // CHUNK] = ties
         inside_total += inside
         if inside == 0 or inside_total > capacity:
             # Past the capacity only counting goes on, so the caller learns the size it needs.
@@ -111,49 +120,11 @@ def band(model, base, shift, low, high, values, positions):  # type: ignore[no-u
             group_magnitudes = magnitudes[first : min(first + GROUP, size)]
             for k in range(group_magnitudes.shape[0]):
                 # Written unconditionally, kept by advancing the count: no branch to mispredict.
-                values[count] = group_magnitudes[k]
+                magnitude = group_magnitudes[k]
+                values[count] = magnitude
                 positions[count] = start + first + k
-                count += (group_magnitudes[k] >= low) & (group_magnitudes[k] <= high)
+                count += (magnitude >= low) & (magnitude <= high) & (magnitude != tie)
     return above, count, inside_total
-
-
-@njit(cache=True, nogil=True)
-def count_from(model, base, shift, value):  # type: ignore[no-untyped-def]
-    total = base.shape[0]
-    base_bits, model_bits, base_values, model_values = _chunk_buffers()
-    above = 0
-    at_or_above = 0
-    for start in range(0, total, CHUNK):
-        size = min(CHUNK, total - start)
-        _load(base, start, size, shift, base_bits)
-        _load(model, start, size, shift, model_bits)
-        for k in range(size):
-            magnitude = abs(model_values[k] - base_values[k])
-            above += magnitude > value
-            at_or_above += magnitude >= value
-    return above, at_or_above
-
-
-@njit(cache=True, nogil=True)
-def nth_equal(model, base, shift, value, n):  # type: ignore[no-untyped-def]
-    total = base.shape[0]
-    base_bits, model_bits, base_values, model_values = _chunk_buffers()
-    seen = 0
-    for start in range(0, total, CHUNK):
-        size = min(CHUNK, total - start)
-        _load(base, start, size, shift, base_bits)
-        _load(model, start, size, shift, model_bits)
-        equal = 0
-        for k in range(size):
-            equal += abs(model_values[k] - base_values[k]) == value
-        if seen + equal < n:
-            seen += equal
-            continue
-        for k in range(size):
-            seen += abs(model_values[k] - base_values[k]) == value
-            if seen == n:
-                return start + k
-    return -1
 
 
 @njit(cache=True, nogil=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 from dataclasses import dataclass
@@ -197,6 +198,8 @@ SELECTION_SAMPLE_MAX = 1 << 18
 # probability near 1e-6. The result is exact either way, because a miss falls back to
 # a full kthvalue.
 SELECTION_BRACKET_SIGMAS = 5.0
+# The bit pattern of float32 infinity, the bracket's top where the sample reaches the largest bin.
+INFINITY_BITS = 0x7F800000
 
 
 @dataclass(frozen=True)
@@ -235,28 +238,18 @@ def kth_largest(
     if total < SAMPLED_SELECTION_MIN or sample_size >= total:
         return _full_selection(source, count)
 
-    # A stratified sample (one random entry in each of sample_size equal strides)
-    # reads memory in increasing order: 0.4 ms against 0.65 ms for uniform draws from
-    # 136M bf16 entries, measured. A fixed seed keeps runs reproducible, and the
-    # result does not depend on the sample.
-    generator = torch.Generator().manual_seed(total)
-    stride = total // sample_size
-    offsets = torch.randint(0, stride, (sample_size,), generator=generator)
-    sample = source.at(torch.arange(sample_size) * stride + offsets)
+    sample = source.at(_sample_positions(total, sample_size))
     quantile = 1.0 - count / total
     margin = SELECTION_BRACKET_SIGMAS * math.sqrt(max(quantile * (1.0 - quantile), 1.0 / sample_size) / sample_size)
     low_rank = max(1, math.floor((quantile - margin) * sample_size))
     high_rank = min(sample_size, math.ceil((quantile + margin) * sample_size) + 1)
+    pair = _fused_pair(source)
+    if pair is not None:
+        return _fused_selection(pair, source, count, sample, (low_rank, high_rank))
     low = torch.kthvalue(sample, low_rank).values
     high = torch.kthvalue(sample, high_rank).values
-    pair = _fused_pair(source)
     if bool(low == high):
-        if pair is not None:
-            return _fused_single_value(pair, source, count, low)
         return _single_value_band(source, count, low)
-    if pair is not None:
-        capacity = 2 * total * (high_rank - low_rank) // sample_size + fused.CHUNK
-        return _fused_band_selection(pair, source, count, float(low), float(high), capacity)
 
     above_band = 0
     bands = []
@@ -277,6 +270,20 @@ def kth_largest(
     # so the position of the last tie kept is found without another full pass.
     equal_by_block = tuple(int((block_band == value).sum()) for block_band in bands)
     return Selection(value, above, at_or_above, equal_by_block)
+
+
+@functools.lru_cache(maxsize=64)
+def _sample_positions(total: int, sample_size: int) -> torch.Tensor:
+    """Return the flat positions of the selection sample: one random entry in each of `sample_size` equal strides.
+
+    A stratified sample reads memory in increasing order: 0.4 ms against 0.65 ms for
+    uniform draws from 136M bf16 entries, measured. The seed is the tensor size, so
+    runs are reproducible and tensors of one shape share the positions (the result
+    does not depend on the sample). Callers must not modify the tensor.
+    """
+    generator = torch.Generator().manual_seed(total)
+    stride = total // sample_size
+    return torch.arange(sample_size) * stride + torch.randint(0, stride, (sample_size,), generator=generator)
 
 
 def _single_value_band(source: Magnitudes, count: int, value: torch.Tensor) -> Selection:
@@ -319,37 +326,76 @@ def _fused_pair(source: Magnitudes) -> tuple[torch.Tensor, torch.Tensor] | None:
     return None
 
 
-def _fused_band_selection(
-    pair: tuple[torch.Tensor, torch.Tensor], source: Magnitudes, count: int, low: float, high: float, capacity: int
+def _fused_selection(
+    pair: tuple[torch.Tensor, torch.Tensor],
+    source: Magnitudes,
+    count: int,
+    sample: torch.Tensor,
+    ranks: tuple[int, int],
 ) -> Selection:
-    """Select with one fused pass that counts the entries above the band and collects those inside."""
-    band = fused.band(*pair, low, high, capacity)
+    """Select with one fused pass that counts the entries above a bracket and collects those inside.
+
+    The bracket spans the sample entries of ranks `ranks`, widened to whole bins of
+    their upper 16 bits. Non-negative float32 values order as their bit patterns, so
+    a bincount finds the bins without sorting: 0.08 ms against 1.8 ms for two
+    kthvalue calls on a 65536-entry sample. The sample's most frequent value in the
+    bin of the quantile is counted by the pass, not collected (`fused.band`).
+    """
+    bins = sample.view(torch.int32) >> 16
+    cumulative = torch.bincount(bins).cumsum(0)
+    low_rank, high_rank = ranks
+    low_bin, middle_bin, high_bin = torch.searchsorted(
+        cumulative, torch.tensor([low_rank, (low_rank + high_rank) // 2, high_rank])
+    ).tolist()
+    low = _float32_from_bits(low_bin << 16)
+    high = _float32_from_bits(min((high_bin << 16) | 0xFFFF, INFINITY_BITS))
+    levels, level_counts = torch.unique(sample[bins == middle_bin], return_counts=True)
+    most_frequent = int(level_counts.argmax())
+    tie = float(levels[most_frequent]) if int(level_counts[most_frequent]) > 1 else -1.0
+    bracketed = int(cumulative[high_bin]) - (int(cumulative[low_bin - 1]) if low_bin else 0)
+    if tie >= 0.0:
+        bracketed -= int(level_counts[most_frequent])
+    capacity = 2 * source.numel() * bracketed // sample.numel() + fused.CHUNK
+    band = fused.band(*pair, low, high, capacity, tie)
+
     needed = count - band.above
-    if not 0 < needed <= band.values.numel():
+    values = band.values
+    if not 0 < needed <= values.numel() + band.ties:
         return _full_selection(source, count)
-    value = torch.kthvalue(band.values, band.values.numel() - needed + 1).values
-    above = band.above + int((band.values > value).sum())
-    at_or_above = band.above + int((band.values >= value).sum())
+    greater = int((values > tie).sum())
+    if greater < needed <= greater + band.ties:
+        # The value is the tie value: its entries were counted, not collected.
+        value = torch.tensor(tie, dtype=torch.float32)
+        above = band.above + greater
+        at_or_above = above + band.ties
+        if at_or_above == count:
+            return Selection(value, above, at_or_above)
+        return Selection(value, above, at_or_above, last_tie=_nth_tie(source, band.chunk_ties, value, count - above))
+    # The value is a collected one; the tie value's entries rank above it or below it.
+    rank = needed if needed <= greater else needed - band.ties
+    value = torch.kthvalue(values, values.numel() - rank + 1).values
+    ties_above = band.ties if tie > float(value) else 0
+    above = band.above + ties_above + int((values > value).sum())
+    at_or_above = band.above + ties_above + int((values >= value).sum())
     if at_or_above == count:
         return Selection(value, above, at_or_above)
     # The band contains every entry equal to the value, in flat order.
-    tied = band.positions[band.values == value]
+    tied = band.positions[values == value]
     return Selection(value, above, at_or_above, last_tie=int(tied[count - above - 1]))
 
 
-def _fused_single_value(
-    pair: tuple[torch.Tensor, torch.Tensor], source: Magnitudes, count: int, value: torch.Tensor
-) -> Selection:
-    """Select as `_single_value_band` does, with fused passes: one to count, and one to find the tie's end if needed."""
-    above, at_or_above = fused.count_from(*pair, float(value))
-    if not above < count <= at_or_above:
-        return _full_selection(source, count)
-    if at_or_above == count:
-        return Selection(value, above, at_or_above)
-    last_tie = fused.nth_equal_position(*pair, float(value), count - above)
-    if last_tie < 0:
-        raise AssertionError("fewer entries equal to the selected value than counted")
-    return Selection(value, above, at_or_above, last_tie=last_tie)
+def _nth_tie(source: Magnitudes, chunk_ties: torch.Tensor, value: torch.Tensor, n: int) -> int:
+    """Return the flat index of the `n`-th entry equal to `value`, given the count of such entries per chunk."""
+    cumulative = chunk_ties.cumsum(0)
+    chunk = int(torch.searchsorted(cumulative, torch.tensor([n]))[0])
+    before = int(cumulative[chunk - 1]) if chunk else 0
+    part = slice(chunk * fused.CHUNK, min((chunk + 1) * fused.CHUNK, source.numel()))
+    equal = torch.nonzero(source.block(part) == value).squeeze(1)
+    return part.start + int(equal[n - before - 1])
+
+
+def _float32_from_bits(bits: int) -> float:
+    return float(torch.tensor([bits], dtype=torch.int32).view(torch.float32)[0])
 
 
 def _count_above(block: torch.Tensor, threshold: float) -> int:

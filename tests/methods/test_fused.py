@@ -84,17 +84,22 @@ def test_band_matches_torch() -> None:
         assert band.above == int((magnitudes > high).sum())
         assert torch.equal(band.positions, torch.nonzero(inside).squeeze(1))
         assert torch.equal(band.values, magnitudes[inside])
+        assert band.ties == 0
 
 
-def test_counts_and_nth_equal_match_torch() -> None:
+def test_band_counts_the_tie_value_per_chunk() -> None:
     base, (model,) = bf16_inputs(30_001, 1, seed=4)
     magnitudes = (model.float() - base.float()).abs()
-    value = 3 / 64
-    assert fused.count_from(model, base, value) == (int((magnitudes > value).sum()), int((magnitudes >= value).sum()))
-    equal = torch.nonzero(magnitudes == value).squeeze(1)
-    assert fused.nth_equal_position(model, base, value, 1) == int(equal[0])
-    assert fused.nth_equal_position(model, base, value, equal.numel()) == int(equal[-1])
-    assert fused.nth_equal_position(model, base, value, equal.numel() + 1) == -1
+    low, tie, high = 2 / 64, 3 / 64, 4 / 64
+    band = fused.band(model, base, low, high, capacity=30_001, tie=tie)
+    equal = magnitudes == tie
+    collected = (magnitudes >= low) & (magnitudes <= high) & ~equal
+    assert band.above == int((magnitudes > high).sum())
+    assert torch.equal(band.positions, torch.nonzero(collected).squeeze(1))
+    assert torch.equal(band.values, magnitudes[collected])
+    assert band.ties == int(equal.sum()) > 0
+    per_chunk = torch.nn.functional.pad(equal, (0, -equal.numel() % fused.CHUNK)).reshape(-1, fused.CHUNK).sum(1)
+    assert torch.equal(band.chunk_ties, per_chunk)
 
 
 @pytest.mark.parametrize("steps", [1, 2000])
@@ -104,10 +109,16 @@ def test_fused_selection_kth_and_last_tie(monkeypatch: pytest.MonkeyPatch, steps
     size = fused.MIN_ELEMENTS + 12_345
     base, (model,) = bf16_inputs(size, 1, seed=steps, steps=steps)
     magnitudes = (model.float() - base.float()).abs()
-    # Record which fused pass ran: counting for one step, the band otherwise.
+    # Record the fused passes and how many entries each counted as ties.
     calls: list[str] = []
-    for name in ("band", "count_from"):
-        monkeypatch.setattr(fused, name, recording(getattr(fused, name), name, calls))
+    real_band = fused.band
+
+    def band(*args: Any) -> fused.Band:
+        result = real_band(*args)
+        calls.append("ties" if result.ties else "band")
+        return result
+
+    monkeypatch.setattr(fused, "band", band)
     for count in (1, size // 3, size // 2, size - 7):
         selection = kth_largest(TaskVectorMagnitudes(model, base), count)
         value = torch.sort(magnitudes, descending=True).values[count - 1]
@@ -125,7 +136,10 @@ def test_fused_selection_kth_and_last_tie(monkeypatch: pytest.MonkeyPatch, steps
         expected = torch.zeros(size, dtype=torch.bool)
         expected[torch.sort(magnitudes, descending=True, stable=True).indices[:keep]] = True
         assert torch.equal(cut.mask(magnitudes), expected)
-    assert ("count_from" if steps == 1 else "band") in calls
+    # The cut falls on a tied value, which the pass counts: always with one step (1/64).
+    assert "ties" in calls
+    if steps == 1:
+        assert "band" not in calls
 
 
 def test_accepts_supported_inputs_only() -> None:
@@ -187,7 +201,7 @@ def test_missing_numba_keeps_torch_path(monkeypatch: pytest.MonkeyPatch) -> None
     slow = ties(base, models, parameters)
     assert torch.equal(fast.view(torch.int32), slow.view(torch.int32))
     with pytest.raises(RuntimeError, match="need numba"):
-        fused.count_from(models[0], base, 0.5)
+        fused.band(models[0], base, 0.5, 1.0, capacity=10)
 
 
 def test_bf16_rounding_matches_torch() -> None:
@@ -228,3 +242,36 @@ def test_fused_output_dtype_matches_torch(
     expected = slow.to(fast.dtype)
     assert torch.equal(fast.view(torch.int16 if fast.dtype == torch.bfloat16 else torch.int32),
                        expected.view(torch.int16 if fast.dtype == torch.bfloat16 else torch.int32))
+
+
+def test_fused_selection_with_the_cut_above_at_and_below_the_tie_value(monkeypatch: pytest.MonkeyPatch) -> None:
+    from mergekit_ext.methods import sparsify
+
+    # |delta| takes the 7 values k/64: a bracket over the whole sample holds them all, and
+    # the pass counts the middle bin's most frequent value as ties.
+    size = fused.MIN_ELEMENTS + 999
+    base, (model,) = bf16_inputs(size, 1, seed=21)
+    magnitudes = (model.float() - base.float()).abs()
+    source = TaskVectorMagnitudes(model, base)
+    sample = source.at(torch.arange(0, size, 7))
+    tie_values: list[float] = []
+    real_band = fused.band
+
+    def band(*args: Any) -> fused.Band:
+        tie_values.append(args[-1])
+        return real_band(*args)
+
+    monkeypatch.setattr(fused, "band", band)
+    descending = torch.sort(magnitudes, descending=True).values
+    counts = (5, size // 7, size // 2, size - size // 7, size - 3)
+    for count in counts:
+        selection = sparsify._fused_selection((model, base), source, count, sample, (1, sample.numel()))
+        value = descending[count - 1]
+        assert torch.equal(selection.value, value)
+        assert selection.above == int((magnitudes > value).sum())
+        assert selection.at_or_above == int((magnitudes >= value).sum())
+        tied = torch.nonzero(magnitudes == value).squeeze(1)
+        assert selection.last_tie == int(tied[count - selection.above - 1])
+    # The tie value lies strictly between the largest and smallest cuts tested.
+    assert set(tie_values) == {tie_values[0]}
+    assert float(descending[counts[-1] - 1]) < tie_values[0] < float(descending[counts[0] - 1])
