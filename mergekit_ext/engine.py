@@ -38,7 +38,7 @@ from mergekit_ext.checkpoint.layout import SAFETENSORS_SINGLE
 from mergekit_ext.checkpoint.writer import DEFAULT_SHARD_SIZE, check_output_folder
 from mergekit_ext.device import resolve_device
 from mergekit_ext.errors import IncompatibleModelsError, InvalidTensorError, RecipeError
-from mergekit_ext.methods import METHODS, get_method
+from mergekit_ext.methods import METHODS, fused, get_method
 from mergekit_ext.methods.base import MergeMethod, TensorMergeInput
 from mergekit_ext.methods.parameters import checked_value
 from mergekit_ext.zoo.references import PREFIX, display_name, resolve_model_reference
@@ -468,11 +468,13 @@ def _load_one(unit: _Unit, checkpoint: Checkpoint, device: torch.device, keep_dt
 
 
 def _all_finite(tensor: torch.Tensor) -> bool:
+    if tensor.numel() == 0:
+        return True
+    if tensor.is_contiguous() and fused.accepts([tensor.view(-1)]):
+        return fused.all_finite(tensor.view(-1))
     # NaN propagates through min and max, and an Inf is the min or the max, so two
     # reductions decide it. This is one fast pass, while torch.isfinite would also write
     # a boolean tensor as large as the input.
-    if tensor.numel() == 0:
-        return True
     low, high = torch.aminmax(tensor)
     return bool(torch.isfinite(torch.stack([low, high])).all())
 

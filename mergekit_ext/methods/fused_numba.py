@@ -62,6 +62,37 @@ def _store(values, bits, count, output, round_to_bf16):  # type: ignore[no-untyp
 
 
 @njit(cache=True, nogil=True)
+def magnitudes_at(model, base, shift, positions, output):  # type: ignore[no-untyped-def]
+    # Gather a chunk of bit patterns, then take |model - base| over it in one vectorized loop.
+    base_bits, model_bits, base_values, model_values = _chunk_buffers()
+    total = positions.shape[0]
+    for start in range(0, total, CHUNK):
+        size = min(CHUNK, total - start)
+        chunk = positions[start : start + size]
+        for k in range(size):
+            base_bits[k] = np.uint32(base[chunk[k]]) << shift
+            model_bits[k] = np.uint32(model[chunk[k]]) << shift
+        target = output[start : start + size]
+        for k in range(size):
+            target[k] = abs(model_values[k] - base_values[k])
+
+
+@njit(cache=True, nogil=True)
+def all_finite(bits, shift):  # type: ignore[no-untyped-def]
+    # A float is NaN or infinite exactly when its exponent bits are all ones, so the
+    # largest pattern without the sign bit decides. The max reduction vectorizes.
+    if shift == 16:
+        largest_half = np.uint16(0)
+        for k in range(bits.shape[0]):
+            largest_half = max(largest_half, bits[k] & np.uint16(0x7FFF))
+        return largest_half < np.uint16(0x7F80)
+    largest = np.uint32(0)
+    for k in range(bits.shape[0]):
+        largest = max(largest, bits[k] & np.uint32(0x7FFFFFFF))
+    return largest < np.uint32(0x7F800000)
+
+
+@njit(cache=True, nogil=True)
 def band(model, base, shift, low, high, tie, values, positions, chunk_ties):  # type: ignore[no-untyped-def]
     total = base.shape[0]
     capacity = values.shape[0] - GROUP

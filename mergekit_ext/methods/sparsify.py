@@ -238,12 +238,13 @@ def kth_largest(
     if total < SAMPLED_SELECTION_MIN or sample_size >= total:
         return _full_selection(source, count)
 
-    sample = source.at(_sample_positions(total, sample_size))
+    positions = _sample_positions(total, sample_size)
+    pair = _fused_pair(source)
+    sample = source.at(positions) if pair is None else fused.magnitudes_at(*pair, positions)
     quantile = 1.0 - count / total
     margin = SELECTION_BRACKET_SIGMAS * math.sqrt(max(quantile * (1.0 - quantile), 1.0 / sample_size) / sample_size)
     low_rank = max(1, math.floor((quantile - margin) * sample_size))
     high_rank = min(sample_size, math.ceil((quantile + margin) * sample_size) + 1)
-    pair = _fused_pair(source)
     if pair is not None:
         return _fused_selection(pair, source, count, sample, (low_rank, high_rank))
     low = torch.kthvalue(sample, low_rank).values

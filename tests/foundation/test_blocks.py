@@ -111,15 +111,23 @@ def test_late_block_nan_is_named(tiny_models: ModelFactory, tmp_path: Path) -> N
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
-def test_finiteness_check_on_a_large_tensor(bad: float) -> None:
-    # Large enough for the vectorized and multi-threaded reduction paths.
-    tensor = torch.zeros(3_000_001)
+def test_finiteness_check_on_a_large_tensor(bad: float, dtype: torch.dtype) -> None:
+    # Large enough for the fused kernel (float32 and bf16) and for torch's vectorized
+    # and multi-threaded reduction (float16, and a column that is not contiguous).
+    tensor = torch.zeros(3_000_001, dtype=dtype)
     assert _all_finite(tensor)
     tensor[1_234_567] = bad
     assert not _all_finite(tensor)
-    assert _all_finite(torch.full((5,), torch.finfo(torch.float32).max))
-    assert _all_finite(torch.zeros(0))
+    assert not _all_finite(tensor.reshape(-1, 1)[:, 0])
+    assert not _all_finite(torch.stack([tensor[1:], tensor[1:]], dim=1)[:, 0])
+    extremes = torch.zeros(3_000_001, dtype=dtype)
+    extremes[5] = torch.finfo(dtype).max
+    extremes[6] = -torch.finfo(dtype).max
+    assert _all_finite(extremes)
+    assert _all_finite(torch.full((5,), torch.finfo(dtype).max))
+    assert _all_finite(torch.zeros(0, dtype=dtype))
 
 
 def test_hash_is_remembered(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -275,3 +275,14 @@ def test_fused_selection_with_the_cut_above_at_and_below_the_tie_value(monkeypat
     # The tie value lies strictly between the largest and smallest cuts tested.
     assert set(tie_values) == {tie_values[0]}
     assert float(descending[counts[-1] - 1]) < tie_values[0] < float(descending[counts[0] - 1])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_magnitudes_at_matches_torch(dtype: torch.dtype) -> None:
+    base, (model,) = bf16_inputs(fused.MIN_ELEMENTS + 5, 1, seed=31)
+    base, model = base.to(dtype), model.to(dtype)
+    # More positions than one chunk, in increasing order as the selection sample has them.
+    drawn = torch.randint(0, base.numel(), (3 * fused.CHUNK + 7,), generator=torch.Generator().manual_seed(3))
+    positions = torch.sort(drawn).values
+    expected = (model[positions].float() - base[positions].float()).abs()
+    assert torch.equal(fused.magnitudes_at(model, base, positions), expected)
