@@ -4,8 +4,9 @@ A torch operation makes one pass over memory, so the TIES selection and sign
 election cost a dozen passes per model and entry. These kernels make one pass per
 step instead: for TIES a selection pass per model (|model - base|, counting and
 collecting the entries near the cut) and one merge pass over all models, and for
-task arithmetic one merge pass. They work on chunks
-of 2048 entries held in the CPU caches, converting bf16 inputs as they go.
+task arithmetic one merge pass. The selection pass works on chunks of 2048 entries
+held in the CPU caches. The merge passes take each entry of all models at once and
+keep every sum in a register, converting bf16 inputs as they go.
 
 The arithmetic is the torch path's, operation by operation in float32. numba does
 not fuse multiplies and adds unless asked, so both paths give the same result to
@@ -164,21 +165,20 @@ def consensus(
     kernels = _require()
     if not models:
         return base.to(output_dtype(out_dtype), copy=True)
-    thresholds = np.array([rule.threshold for rule in rules], dtype=np.float32)
-    tie_thresholds = np.array([rule.tie_threshold for rule in rules], dtype=np.float32)
-    tie_ends = np.array([rule.tie_end for rule in rules], dtype=np.int64)
-    scale_values = np.array(scales, dtype=np.float32)
-    weight_values = np.array(weights, dtype=np.float32)
+    # Tuples, not arrays, so the compiled loop keeps them in registers (see fused_numba).
+    thresholds = tuple(np.float32(rule.threshold) for rule in rules)
+    tie_thresholds = tuple(np.float32(rule.tie_threshold) for rule in rules)
+    scale_values = tuple(np.float32(scale) for scale in scales)
+    weight_values = tuple(np.float32(weight) for weight in weights)
 
     def merge_part(base_bits: np.ndarray, model_bits: tuple[np.ndarray, ...], output: np.ndarray, start: int) -> None:
         # Tie ends are flat positions, so they move with the part's start.
         kernels.consensus(
             base_bits,
             model_bits,
-            _shift(base),
             thresholds,
             tie_thresholds,
-            tie_ends - start,
+            tuple(rule.tie_end - start for rule in rules),
             scale_values,
             weight_values,
             normalize,
@@ -206,13 +206,12 @@ def task_arithmetic(
     `out_dtype` is bf16 (see `output_dtype`).
     """
     kernels = _require()
-    weight_values = np.array(weights, dtype=np.float32)
+    weight_values = tuple(np.float32(weight) for weight in weights)
 
     def merge_part(base_bits: np.ndarray, model_bits: tuple[np.ndarray, ...], output: np.ndarray, start: int) -> None:
         kernels.task_arithmetic(
             base_bits,
             model_bits,
-            _shift(base),
             weight_values,
             divisor is not None,
             np.float32(1.0 if divisor is None else divisor),

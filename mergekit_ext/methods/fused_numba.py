@@ -1,14 +1,16 @@
 """The numba kernels behind `fused` (imported only through it, since importing numba takes about 0.3 s).
 
-Inputs arrive as bit patterns: uint16 for bf16 (shift 16), uint32 for float32
-(shift 0). Every loop indexes a chunk view from 0, so that numba's wraparound check
-for negative indices drops out and the loops vectorize. Compiled code is cached on
+Inputs arrive as bit patterns: uint16 for bf16, uint32 for float32 (the kernels that
+work on chunks also take the shift, 16 or 0, to a float32 pattern). Every loop indexes
+an array or a chunk view from 0, so that numba's wraparound check for negative indices
+drops out and the loops vectorize. Compiled code is cached on
 disk by numba (`cache=True`), so only the first run on a machine compiles.
 """
 
 from __future__ import annotations
 
 import numpy as np
+from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic
 
@@ -24,6 +26,44 @@ def _fma(typing_context, a, b, c):  # type: ignore[no-untyped-def]
         return builder.fma(*arguments)
 
     return signature, generate
+
+
+@intrinsic
+def _to_float(typing_context, bits):  # type: ignore[no-untyped-def]
+    # The float32 value of a bf16 (uint16) or float32 (uint32) bit pattern: a bf16 is the
+    # upper half of the float32 with the same value.
+    if bits == types.uint16:
+
+        def generate(context, builder, signature, arguments):  # type: ignore[no-untyped-def]
+            wide = builder.zext(arguments[0], ir.IntType(32))
+            return builder.bitcast(builder.shl(wide, ir.Constant(ir.IntType(32), 16)), ir.FloatType())
+
+    else:
+
+        def generate(context, builder, signature, arguments):  # type: ignore[no-untyped-def]
+            return builder.bitcast(arguments[0], ir.FloatType())
+
+    return types.float32(bits), generate
+
+
+@intrinsic
+def _float_bits(typing_context, value):  # type: ignore[no-untyped-def]
+    # The bit pattern of a float32, as a uint32.
+    def generate(context, builder, signature, arguments):  # type: ignore[no-untyped-def]
+        return builder.bitcast(arguments[0], ir.IntType(32))
+
+    return types.uint32(types.float32), generate
+
+
+@njit(inline="always")
+def _output_bits(value, round_to_bf16):  # type: ignore[no-untyped-def]
+    # A bf16 output gets the float32 rounded to the nearest even bf16 and NaN as 0xFFFF,
+    # as torch's conversion does. A float32 output gets its bits.
+    pattern = _float_bits(value)
+    if not round_to_bf16:
+        return pattern
+    rounded = (pattern + np.uint32(0x7FFF) + ((pattern >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
+    return np.uint32(0xFFFF) if value != value else rounded
 
 
 @njit(inline="always")
@@ -45,20 +85,6 @@ def _chunk_buffers():  # type: ignore[no-untyped-def]
     base_bits = np.empty(CHUNK, np.uint32)
     model_bits = np.empty(CHUNK, np.uint32)
     return base_bits, model_bits, base_bits.view(np.float32), model_bits.view(np.float32)
-
-
-@njit(inline="always")
-def _store(values, bits, count, output, round_to_bf16):  # type: ignore[no-untyped-def]
-    # `bits` is the uint32 view of `values`. A bf16 output gets each float32 rounded to the
-    # nearest even bf16 and NaN as 0xFFFF, as torch's conversion does. A float32 output gets the bits.
-    if round_to_bf16:
-        for k in range(count):
-            pattern = bits[k]
-            rounded = (pattern + np.uint32(0x7FFF) + ((pattern >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
-            output[k] = np.uint32(0xFFFF) if values[k] != values[k] else rounded
-    else:
-        for k in range(count):
-            output[k] = bits[k]
 
 
 @njit(cache=True, nogil=True)
@@ -160,92 +186,53 @@ def band(model, base, shift, low, high, tie, values, positions, chunk_ties):  # 
 
 @njit(cache=True, nogil=True)
 def consensus(  # type: ignore[no-untyped-def]
-    base, models, shift, thresholds, tie_thresholds, tie_ends, scales, weights, normalize, scaling,
-    output, round_to_bf16,
+    base, models, thresholds, tie_thresholds, tie_ends, scales, weights, normalize, scaling, output, round_to_bf16,
 ):
+    # One pass per entry over all models, with every sum in a register. The per-model
+    # parameters are tuples, so they stay in registers too: as arrays, which the output
+    # might alias for all LLVM knows, the loop gathered them from memory on every entry.
+    # The sums of positive and of negative terms equal, bit for bit, the sums of the
+    # terms that agree with the elected sign, which the torch path adds in model order.
     total = base.shape[0]
     model_count = len(models)
     zero = np.float32(0.0)
     plus = np.float32(1.0)
-    minus = np.float32(-1.0)
-    base_bits, model_bits, base_values, model_values = _chunk_buffers()
-    weighted = np.empty((model_count, CHUNK), np.float32)
-    summed = np.empty(CHUNK, np.float32)
-    signs = np.empty(CHUNK, np.float32)
-    mixed_bits = np.empty(CHUNK, np.uint32)
-    mixed = mixed_bits.view(np.float32)
-    divisor = np.empty(CHUNK, np.float32)
-    for start in range(0, total, CHUNK):
-        size = min(CHUNK, total - start)
-        _load(base, start, size, shift, base_bits)
-        for k in range(size):
-            summed[k] = zero
-            mixed[k] = zero
-            divisor[k] = zero
+    for k in range(total):
+        base_value = _to_float(base[k])
+        summed = zero
+        positive = zero
+        negative = zero
+        positive_weight = zero
+        negative_weight = zero
         for j in range(model_count):
-            _load(models[j], start, size, shift, model_bits)
-            row = weighted[j]
-            scale = scales[j]
-            weight = weights[j]
+            delta = _to_float(models[j][k]) - base_value
             # Entries before the model's tie end are kept when tied with its cut.
-            split = min(max(tie_ends[j] - start, 0), size)
-            threshold = tie_thresholds[j]
-            for k in range(split):
-                delta = model_values[k] - base_values[k]
-                term = (delta if abs(delta) > threshold else zero) * scale * weight
-                row[k] = term
-                summed[k] += term
-            threshold = thresholds[j]
-            # Views from `split` on, so that this loop also indexes from 0 and vectorizes.
-            # Indexed from `split`, the kernel took 2.6 times as long on 4 models.
-            tail_model = model_values[split:size]
-            tail_base = base_values[split:size]
-            tail_row = row[split:size]
-            tail_summed = summed[split:size]
-            for k in range(size - split):
-                delta = tail_model[k] - tail_base[k]
-                term = (delta if abs(delta) > threshold else zero) * scale * weight
-                tail_row[k] = term
-                tail_summed[k] += term
-        for k in range(size):
-            # The elected sign: + where the sum is >= 0 (-0.0 included).
-            signs[k] = plus if summed[k] >= zero else minus
-        for j in range(model_count):
-            row = weighted[j]
+            threshold = tie_thresholds[j] if k < tie_ends[j] else thresholds[j]
             weight = weights[j]
-            for k in range(size):
-                agrees = row[k] * signs[k] > zero
-                mixed[k] += row[k] if agrees else zero
-                divisor[k] += weight if agrees else zero
+            term = (delta if abs(delta) > threshold else zero) * scales[j] * weight
+            summed += term
+            positive += term if term > zero else zero
+            positive_weight += weight if term > zero else zero
+            negative += term if term < zero else zero
+            negative_weight += weight if term < zero else zero
+        # The elected sign: + where the sum is >= 0 (-0.0 included).
+        elected = summed >= zero
+        mixed = positive if elected else negative
         if normalize:
-            for k in range(size):
-                mixed[k] = mixed[k] / (plus if divisor[k] == zero else divisor[k])
-        for k in range(size):
-            mixed[k] = mixed[k] * scaling + base_values[k]
-        _store(mixed, mixed_bits, size, output[start : start + size], round_to_bf16)
+            divisor = positive_weight if elected else negative_weight
+            mixed = mixed / (plus if divisor == zero else divisor)
+        output[k] = _output_bits(mixed * scaling + base_value, round_to_bf16)
 
 
 @njit(cache=True, nogil=True)
-def task_arithmetic(base, models, shift, weights, normalize, divisor, scaling, output, round_to_bf16):  # type: ignore[no-untyped-def]
+def task_arithmetic(base, models, weights, normalize, divisor, scaling, output, round_to_bf16):  # type: ignore[no-untyped-def]
     total = base.shape[0]
     model_count = len(models)
-    zero = np.float32(0.0)
-    base_bits, model_bits, base_values, model_values = _chunk_buffers()
-    mixed_bits = np.empty(CHUNK, np.uint32)
-    mixed = mixed_bits.view(np.float32)
-    for start in range(0, total, CHUNK):
-        size = min(CHUNK, total - start)
-        _load(base, start, size, shift, base_bits)
-        for k in range(size):
-            mixed[k] = zero
+    for k in range(total):
+        base_value = _to_float(base[k])
+        mixed = np.float32(0.0)
         for j in range(model_count):
-            _load(models[j], start, size, shift, model_bits)
-            weight = weights[j]
-            for k in range(size):
-                mixed[k] = _fma(model_values[k] - base_values[k], weight, mixed[k])
+            mixed = _fma(_to_float(models[j][k]) - base_value, weights[j], mixed)
         if normalize:
-            for k in range(size):
-                mixed[k] = mixed[k] / divisor
-        for k in range(size):
-            mixed[k] = mixed[k] * scaling + base_values[k]
-        _store(mixed, mixed_bits, size, output[start : start + size], round_to_bf16)
+            mixed = mixed / divisor
+        output[k] = _output_bits(mixed * scaling + base_value, round_to_bf16)
