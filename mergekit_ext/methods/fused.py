@@ -90,6 +90,11 @@ def enabled() -> bool:
     return _compiled() is not None
 
 
+def loaded() -> bool:
+    """Return True when the kernels are already loaded in this process, without loading them."""
+    return _compiled.cache_info().currsize > 0 and _compiled() is not None
+
+
 def accepts(tensors: Sequence[torch.Tensor]) -> bool:
     """Return True when the fused kernels take these flat tensors.
 
