@@ -112,7 +112,7 @@ def accepts(tensors: Sequence[torch.Tensor]) -> bool:
 def magnitudes_at(model: torch.Tensor, base: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """Return |model - base| at the flat `positions` (int64) in float32, as torch computes it."""
     output = torch.empty(positions.numel(), dtype=torch.float32)
-    _require().magnitudes_at(_bits(model), _bits(base), _shift(base), positions.numpy(), output.numpy())
+    _require().magnitudes_at(_bits(model), _bits(base), positions.numpy(), output.numpy())
     return output
 
 
@@ -142,7 +142,7 @@ def band(
         values = torch.empty(capacity + GROUP, dtype=torch.float32)
         positions = torch.empty(capacity + GROUP, dtype=torch.int64)
         above, count, inside = kernels.band(
-            _bits(model), _bits(base), _shift(base), np.float32(low), np.float32(high), np.float32(tie),
+            _bits(model), _bits(base), np.float32(low), np.float32(high), np.float32(tie),
             values.numpy(), positions.numpy(), chunk_ties.numpy(),
         )
         if inside <= capacity:

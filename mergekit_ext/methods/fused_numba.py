@@ -1,9 +1,9 @@
 """The numba kernels behind `fused` (imported only through it, since importing numba takes about 0.3 s).
 
-Inputs arrive as bit patterns: uint16 for bf16, uint32 for float32 (the kernels that
-work on chunks also take the shift, 16 or 0, to a float32 pattern). Every loop indexes
-an array or a chunk view from 0, so that numba's wraparound check for negative indices
-drops out and the loops vectorize. Compiled code is cached on
+Inputs arrive as bit patterns, uint16 for bf16 and uint32 for float32, which `_to_float`
+turns into float32 values inside the loops. Every loop indexes an array or a view from
+0, so that numba's wraparound check for negative indices drops out and the loops
+vectorize. Compiled code is cached on
 disk by numba (`cache=True`), so only the first run on a machine compiles.
 """
 
@@ -66,41 +66,11 @@ def _output_bits(value, round_to_bf16):  # type: ignore[no-untyped-def]
     return np.uint32(0xFFFF) if value != value else rounded
 
 
-@njit(inline="always")
-def _load(source, start, count, shift, bits):  # type: ignore[no-untyped-def]
-    chunk = source[start : start + count]
-    # A constant shift keeps the loop in 32-bit lanes. With a shift by a variable, the
-    # compiled loop worked in 64-bit lanes (vpsllvq), half as many per instruction.
-    if shift == 16:
-        for k in range(count):
-            bits[k] = np.uint32(chunk[k]) << np.uint32(16)
-    else:
-        for k in range(count):
-            bits[k] = np.uint32(chunk[k])
-
-
-@njit(inline="always")
-def _chunk_buffers():  # type: ignore[no-untyped-def]
-    # Bit buffers for one chunk of the base and of a model, and their float32 views.
-    base_bits = np.empty(CHUNK, np.uint32)
-    model_bits = np.empty(CHUNK, np.uint32)
-    return base_bits, model_bits, base_bits.view(np.float32), model_bits.view(np.float32)
-
-
 @njit(cache=True, nogil=True)
-def magnitudes_at(model, base, shift, positions, output):  # type: ignore[no-untyped-def]
-    # Gather a chunk of bit patterns, then take |model - base| over it in one vectorized loop.
-    base_bits, model_bits, base_values, model_values = _chunk_buffers()
-    total = positions.shape[0]
-    for start in range(0, total, CHUNK):
-        size = min(CHUNK, total - start)
-        chunk = positions[start : start + size]
-        for k in range(size):
-            base_bits[k] = np.uint32(base[chunk[k]]) << shift
-            model_bits[k] = np.uint32(model[chunk[k]]) << shift
-        target = output[start : start + size]
-        for k in range(size):
-            target[k] = abs(model_values[k] - base_values[k])
+def magnitudes_at(model, base, positions, output):  # type: ignore[no-untyped-def]
+    for k in range(positions.shape[0]):
+        position = positions[k]
+        output[k] = abs(_to_float(model[position]) - _to_float(base[position]))
 
 
 @njit(cache=True, nogil=True)
@@ -119,10 +89,9 @@ def all_finite(bits, shift):  # type: ignore[no-untyped-def]
 
 
 @njit(cache=True, nogil=True)
-def band(model, base, shift, low, high, tie, values, positions, chunk_ties):  # type: ignore[no-untyped-def]
+def band(model, base, low, high, tie, values, positions, chunk_ties):  # type: ignore[no-untyped-def]
     total = base.shape[0]
     capacity = values.shape[0] - GROUP
-    base_bits, model_bits, base_values, model_values = _chunk_buffers()
     magnitudes = np.empty(CHUNK, np.float32)
     members = np.empty(CHUNK // GROUP + 1, np.int64)
     above = 0
@@ -130,8 +99,8 @@ def band(model, base, shift, low, high, tie, values, positions, chunk_ties):  # 
     inside_total = 0
     for start in range(0, total, CHUNK):
         size = min(CHUNK, total - start)
-        _load(base, start, size, shift, base_bits)
-        _load(model, start, size, shift, model_bits)
+        base_chunk = base[start : start + size]
+        model_chunk = model[start : start + size]
         # Count per group of GROUP entries (a fixed trip count, so the loop vectorizes),
         # then collect from the groups that have members only. Entries equal to `tie`
         # are counted per chunk and not collected.
@@ -144,9 +113,12 @@ def band(model, base, shift, low, high, tie, values, positions, chunk_ties):  # 
             group_inside = 0
             group_ties = 0
             if group < groups:
+                group_model = model_chunk[first : first + GROUP]
+                group_base = base_chunk[first : first + GROUP]
+                group_magnitudes = magnitudes[first : first + GROUP]
                 for k in range(GROUP):
-                    magnitude = abs(model_values[first + k] - base_values[first + k])
-                    magnitudes[first + k] = magnitude
+                    magnitude = abs(_to_float(group_model[k]) - _to_float(group_base[k]))
+                    group_magnitudes[k] = magnitude
                     is_above = magnitude > high
                     is_tie = magnitude == tie
                     group_above += is_above
@@ -154,7 +126,7 @@ def band(model, base, shift, low, high, tie, values, positions, chunk_ties):  # 
                     group_inside += (magnitude >= low) & (not is_above) & (not is_tie)
             else:
                 for k in range(first, size):
-                    magnitude = abs(model_values[k] - base_values[k])
+                    magnitude = abs(_to_float(model_chunk[k]) - _to_float(base_chunk[k]))
                     magnitudes[k] = magnitude
                     is_above = magnitude > high
                     is_tie = magnitude == tie
