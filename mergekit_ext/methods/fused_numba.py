@@ -161,8 +161,8 @@ def consensus(  # type: ignore[no-untyped-def]
     base, models, thresholds, tie_thresholds, tie_ends, scales, weights, normalize, scaling, output, round_to_bf16,
 ):
     # One pass per entry over all models, with every sum in a register. The per-model
-    # parameters are tuples, so they stay in registers too: as arrays, which the output
-    # might alias for all LLVM knows, the loop gathered them from memory on every entry.
+    # parameters are tuples, so they stay in registers too. As arrays, which LLVM cannot
+    # prove the output does not alias, the loop gathered them from memory on every entry.
     # The sums of positive and of negative terms equal, bit for bit, the sums of the
     # terms that agree with the elected sign, which the torch path adds in model order.
     total = base.shape[0]
