@@ -117,14 +117,16 @@ def main() -> None:
     # SIGTERM (a killed job, a CI timeout) becomes SystemExit, so the writer's context
     # manager removes its temporary folder exactly as it does for Ctrl-C.
     signal.signal(signal.SIGTERM, _exit_on_signal)
+    signal.signal(signal.SIGINT, _interrupt)
     # A merge frees and allocates tensors of the same sizes all along, so keep freed memory
     # for reuse (see mergekit_ext.allocator). The setting covers this whole process, which the CLI owns.
     keep_freed_memory()
     try:
         status = cli.main(prog_name="merge", standalone_mode=False)
-    except click.exceptions.Abort:
+    except click.exceptions.Abort as error:
         click.echo("Aborted.", err=True)
-        sys.exit(1)
+        # Ctrl-C exits with 128 + SIGINT, as shells report it, and other aborts (a declined prompt) with 1.
+        sys.exit(128 + signal.SIGINT if isinstance(error.__cause__, KeyboardInterrupt) else 1)
     except click.ClickException as error:
         click.echo(_one_line_usage_error(error), err=True)
         sys.exit(error.exit_code)
@@ -186,7 +188,23 @@ def _one_line_usage_error(error: click.ClickException) -> str:
 
 
 def _exit_on_signal(signal_number: int, frame: object) -> None:
+    _ignore_further_signals()
     raise SystemExit(128 + signal_number)
+
+
+def _interrupt(signal_number: int, frame: object) -> None:
+    _ignore_further_signals()
+    raise KeyboardInterrupt
+
+
+def _ignore_further_signals() -> None:
+    # After the first signal, a merge waits for its running reads, merges and writes (up
+    # to a few seconds) and then removes its partial output. A second Ctrl-C or SIGTERM
+    # used to cut that wait short. The partial folder then stayed behind while a writer
+    # thread still wrote to it, or the process ended with torch threads running
+    # (std::terminate). SIGKILL still ends the process at once.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 if __name__ == "__main__":

@@ -256,7 +256,51 @@ def test_sigterm_leaves_no_partial_output(tmp_path: Path) -> None:
         time.sleep(0.05)
     assert process.poll() is None, "the merge finished before it could be interrupted"
     os.kill(process.pid, signal.SIGTERM)
+    # Signals that arrive during the cleanup are ignored, so it still removes the partial output.
+    time.sleep(0.02)
+    os.kill(process.pid, signal.SIGTERM)
+    os.kill(process.pid, signal.SIGINT)
     assert process.wait(timeout=60) == 128 + signal.SIGTERM
+    assert not out.exists()
+    assert [path for path in tmp_path.iterdir() if ".partial-" in path.name] == []
+
+
+@pytest.mark.parametrize(("handler", "raised"), [("_exit_on_signal", SystemExit), ("_interrupt", KeyboardInterrupt)])
+def test_first_signal_ignores_later_ones(handler: str, raised: type[BaseException]) -> None:
+    import signal
+
+    from mergekit_ext.cli import main as cli_main
+
+    saved = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with pytest.raises(raised):
+            getattr(cli_main, handler)(signal.SIGTERM, None)
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN
+    finally:
+        for number, previous in saved.items():
+            signal.signal(number, previous)
+
+
+def test_ctrl_c_exits_with_130(tmp_path: Path) -> None:
+    import os
+    import signal
+    import time
+
+    from mergekit_ext.tiny import write_tiny_checkpoint
+
+    models = [write_tiny_checkpoint(tmp_path / f"m{i}", seed=i, num_layers=8, hidden=512, vocab_size=64) for i in range(4)]
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "mergekit_ext.cli.main", "tsv", "-b", str(models[0]), "-m", *map(str, models[1:]), "-o", str(out)]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not any(".partial-" in path.name for path in tmp_path.iterdir()):
+        time.sleep(0.05)
+    assert process.poll() is None, "the merge finished before it could be interrupted"
+    os.kill(process.pid, signal.SIGINT)
+    _, errors = process.communicate(timeout=60)
+    assert process.returncode == 128 + signal.SIGINT
+    assert errors.strip().endswith("Aborted.")
     assert not out.exists()
     assert [path for path in tmp_path.iterdir() if ".partial-" in path.name] == []
 
