@@ -251,11 +251,12 @@ def test_fused_output_dtype_matches_torch(
                        expected.view(torch.int16 if fast.dtype == torch.bfloat16 else torch.int32))
 
 
-def test_fused_selection_with_the_cut_above_at_and_below_the_tie_value(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_fused_selection_cut_around_tie_value(monkeypatch: pytest.MonkeyPatch) -> None:
     from mergekit_ext.methods import sparsify
 
-    # |delta| takes the 7 values k/64: a bracket over the whole sample holds them all, and
-    # the pass counts the middle bin's most frequent value as ties.
+    # |delta| takes the 7 values k/64: a bracket over the whole sample contains them all,
+    # and the pass counts the middle bin's most frequent value as ties. The cuts fall
+    # above, on and below that value.
     size = fused.MIN_ELEMENTS + 999
     base, (model,) = bf16_inputs(size, 1, seed=21)
     magnitudes = (model.float() - base.float()).abs()
