@@ -9,7 +9,7 @@ and 0.1 to 0.2 s of system time, and with buffered writes to new pages in 2.45 s
 system time. With O_DIRECT output, TIES of the benchmark's inputs (4 bf16 models and a
 base, page cache dropped) took 7.75 to 8.31 s against 9.13 to 9.40 s, run alternately.
 
-`ShardFile` copies bytes written at the end of what it holds into a page-aligned
+`ShardFile` copies bytes written right after the ones it has into a page-aligned
 staging buffer, and writes each full buffer with O_DIRECT. O_DIRECT needs the buffer
 address, file offset and length aligned to the device's block size. The last partial
 block is padded with zeros for its write, and the file is then cut to its size. A
@@ -28,10 +28,11 @@ from pathlib import Path
 
 import numpy as np
 
+from mergekit_ext.checkpoint.direct_read import ALIGNMENT
+
 logger = logging.getLogger(__name__)
 
-# 4096 bytes suits devices with 512-byte and 4096-byte logical blocks.
-ALIGNMENT = 4096
+# Bytes staged before each O_DIRECT write, a multiple of ALIGNMENT.
 STAGE_BYTES = 8 << 20
 # Smaller files are written buffered: the staging buffer would be most of their cost.
 MIN_DIRECT_BYTES = 1 << 20
@@ -51,7 +52,7 @@ class ShardFile:
         self._direct_descriptor: int | None = None
         self._stage: mmap.mmap | None = None
         self._staged = np.empty(0, dtype=np.uint8)
-        # File offset of the staging buffer's first byte (aligned), and the bytes it holds.
+        # File offset of the staging buffer's first byte (aligned), and the bytes staged.
         self._stage_offset = 0
         self._fill = 0
         self._end = 0

@@ -250,10 +250,11 @@ class StreamingWriter:
             raise OutputError(f"tensor {name!r} was written more than once; write each row block once")
         shard = self._shards[slot.shard]
         data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+        completes_tensor = slot.written + nbytes == planned.nbytes
         try:
             handle = self._open_shard(shard)
             handle.write_at(offset, data)
-            if slot.written + nbytes == planned.nbytes and shard.remaining == 1:
+            if completes_tensor and shard.remaining == 1:
                 # The shard's last tensor: write what is staged and close the file.
                 shard.handle = None
                 handle.close()
@@ -264,7 +265,7 @@ class StreamingWriter:
             ) from error
         self.bytes_written += nbytes
         slot.written += nbytes
-        if slot.written == planned.nbytes:
+        if completes_tensor:
             shard.remaining -= 1
 
     def _open_shard(self, shard: _Shard) -> ShardFile:
