@@ -200,9 +200,9 @@ def _interrupt(signal_number: int, frame: object) -> None:
 def _ignore_further_signals() -> None:
     # After the first signal, a merge waits for its running reads, merges and writes (up
     # to a few seconds) and then removes its partial output. A second Ctrl-C or SIGTERM
-    # used to cut that wait short. The partial folder then stayed behind while a writer
-    # thread still wrote to it, or the process ended with torch threads running
-    # (std::terminate). SIGKILL still ends the process at once.
+    # would cut that wait short, leaving the partial folder while a writer thread still
+    # writes to it, or ending the process with torch threads running (std::terminate).
+    # SIGKILL still ends the process at once.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 

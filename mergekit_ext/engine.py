@@ -471,7 +471,7 @@ def _all_finite(tensor: torch.Tensor) -> bool:
     if tensor.numel() == 0:
         return True
     # The reader threads use the kernels once a merge has loaded them. Loading numba here
-    # (about 1 s) held up every read of a merge's first tensors.
+    # (about 1 s) would hold up every read of a merge's first tensors.
     if tensor.is_contiguous() and fused.loaded() and fused.accepts([tensor.view(-1)]):
         return fused.all_finite(tensor.view(-1))
     # NaN propagates through min and max, and an Inf is the min or the max, so two

@@ -57,7 +57,7 @@ GROUP = 64
 class Band:
     """The result of a selection pass.
 
-    `above` counts the entries above the band. `values` and `positions` hold the band's
+    `above` counts the entries above the band. `values` and `positions` contain the band's
     other entries in flat order, and `ties` counts those equal to the tie value, whose
     count in each chunk of CHUNK entries is in `chunk_ties`.
     """

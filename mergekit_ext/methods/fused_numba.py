@@ -162,7 +162,7 @@ def consensus(  # type: ignore[no-untyped-def]
 ):
     # One pass per entry over all models, with every sum in a register. The per-model
     # parameters are tuples, so they stay in registers too. As arrays, which LLVM cannot
-    # prove the output does not alias, the loop gathered them from memory on every entry.
+    # prove the output does not alias, they would be gathered from memory on every entry.
     # The sums of positive and of negative terms equal, bit for bit, the sums of the
     # terms that agree with the elected sign, which the torch path adds in model order.
     total = base.shape[0]
