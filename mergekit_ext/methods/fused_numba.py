@@ -47,6 +47,18 @@ def _to_float(typing_context, bits):  # type: ignore[no-untyped-def]
 
 
 @intrinsic
+def _tally(typing_context, count, flag):  # type: ignore[no-untyped-def]
+    # Adds a boolean to a 32-bit count. numba widens integer sums to 64 bits, and with 64-bit
+    # counters LLVM vectorized the selection pass with four lanes instead of eight, which made
+    # it 2.7 times slower on the 136M-entry embedding table of Qwen2-0.5B (187 ms against 70 ms).
+    def generate(context, builder, signature, arguments):  # type: ignore[no-untyped-def]
+        total, condition = arguments
+        return builder.add(total, builder.zext(condition, ir.IntType(32)))
+
+    return types.int32(types.int32, types.boolean), generate
+
+
+@intrinsic
 def _float_bits(typing_context, value):  # type: ignore[no-untyped-def]
     # The bit pattern of a float32, as a uint32.
     def generate(context, builder, signature, arguments):  # type: ignore[no-untyped-def]
@@ -109,9 +121,9 @@ def band(model, base, low, high, tie, values, positions, chunk_ties):  # type: i
         ties = 0
         for group in range(groups + 1):
             first = group * GROUP
-            group_above = 0
-            group_inside = 0
-            group_ties = 0
+            group_above = np.int32(0)
+            group_inside = np.int32(0)
+            group_ties = np.int32(0)
             if group < groups:
                 group_model = model_chunk[first : first + GROUP]
                 group_base = base_chunk[first : first + GROUP]
@@ -121,18 +133,18 @@ def band(model, base, low, high, tie, values, positions, chunk_ties):  # type: i
                     group_magnitudes[k] = magnitude
                     is_above = magnitude > high
                     is_tie = magnitude == tie
-                    group_above += is_above
-                    group_ties += is_tie
-                    group_inside += (magnitude >= low) & (not is_above) & (not is_tie)
+                    group_above = _tally(group_above, is_above)
+                    group_ties = _tally(group_ties, is_tie)
+                    group_inside = _tally(group_inside, (magnitude >= low) & (not is_above) & (not is_tie))
             else:
                 for k in range(first, size):
                     magnitude = abs(_to_float(model_chunk[k]) - _to_float(base_chunk[k]))
                     magnitudes[k] = magnitude
                     is_above = magnitude > high
                     is_tie = magnitude == tie
-                    group_above += is_above
-                    group_ties += is_tie
-                    group_inside += (magnitude >= low) & (not is_above) & (not is_tie)
+                    group_above = _tally(group_above, is_above)
+                    group_ties = _tally(group_ties, is_tie)
+                    group_inside = _tally(group_inside, (magnitude >= low) & (not is_above) & (not is_tie))
             above += group_above
             ties += group_ties
             members[group] = group_inside
