@@ -37,9 +37,10 @@ from mergekit_ext.checkpoint.files import copy_config, copy_tokenizer, parse_dty
 from mergekit_ext.checkpoint.layout import SAFETENSORS_SINGLE
 from mergekit_ext.checkpoint.writer import DEFAULT_SHARD_SIZE, check_output_folder
 from mergekit_ext.device import resolve_device
-from mergekit_ext.errors import IncompatibleModelsError, InvalidTensorError, RecipeError
-from mergekit_ext.methods import METHODS, fused, get_method
+from mergekit_ext.errors import IncompatibleModelsError, InvalidTensorError, NonFiniteInputError, RecipeError
+from mergekit_ext.methods import METHODS, get_method
 from mergekit_ext.methods.base import MergeMethod, TensorMergeInput
+from mergekit_ext.methods.inputs import all_finite
 from mergekit_ext.methods.parameters import checked_value
 from mergekit_ext.zoo.references import PREFIX, display_name, resolve_model_reference
 from mergekit_ext.recipe import ModelEntry, Recipe, layer_index, layer_position, resolve_value
@@ -449,36 +450,29 @@ def _units(plan: Sequence[_TensorPlan], method: MergeMethod, block_elements: int
 _FLOAT32_EXACT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
-def _load_one(unit: _Unit, checkpoint: Checkpoint, device: torch.device, keep_dtype: bool) -> torch.Tensor:
-    """Read one unit of one input as float32, or with `keep_dtype` as stored (bf16, f16, f32)."""
+def _load_one(unit: _Unit, checkpoint: Checkpoint, device: torch.device, method: MergeMethod) -> torch.Tensor:
+    """Read one unit of one input as float32, or as stored (bf16, f16, f32) where the method takes that.
+
+    Raises `InvalidTensorError` for NaN or Inf, unless the method checks that itself.
+    """
     item = unit.item
     tensor = checkpoint.load(item.name, unit.rows)
     if unit.rows is None and item.truncate_rows is not None:
         tensor = tensor[: item.truncate_rows]
     if not item.mergeable:
         return tensor
-    dtype = tensor.dtype if keep_dtype and tensor.dtype in _FLOAT32_EXACT_DTYPES else torch.float32
-    tensor = tensor.to(device=device, dtype=dtype)
-    if not _all_finite(tensor):
-        raise InvalidTensorError(
-            f"tensor {item.name!r} in {checkpoint.path} contains NaN or Inf values (or values "
-            "too large for float32); repair or re-export that checkpoint"
-        )
+    keep_dtype = method.stored_dtype_inputs and tensor.dtype in _FLOAT32_EXACT_DTYPES
+    tensor = tensor.to(device=device, dtype=tensor.dtype if keep_dtype else torch.float32)
+    if not method.checks_finite and not all_finite(tensor, load_kernels=False):
+        raise _non_finite_error(item.name, checkpoint)
     return tensor
 
 
-def _all_finite(tensor: torch.Tensor) -> bool:
-    if tensor.numel() == 0:
-        return True
-    # The reader threads use the kernels once a merge has loaded them. Loading numba here
-    # (about 1 s) would hold up every read of a merge's first tensors.
-    if tensor.is_contiguous() and fused.loaded() and fused.accepts([tensor.view(-1)]):
-        return fused.all_finite(tensor.view(-1))
-    # NaN propagates through min and max, and an Inf is the min or the max, so two
-    # reductions decide it. This is one fast pass, while torch.isfinite would also write
-    # a boolean tensor as large as the input.
-    low, high = torch.aminmax(tensor)
-    return bool(torch.isfinite(torch.stack([low, high])).all())
+def _non_finite_error(name: str, checkpoint: Checkpoint) -> InvalidTensorError:
+    return InvalidTensorError(
+        f"tensor {name!r} in {checkpoint.path} contains NaN or Inf values (or values "
+        "too large for float32); repair or re-export that checkpoint"
+    )
 
 
 def _stream(
@@ -527,7 +521,7 @@ def _stream(
                 if pending and in_flight + size > options.prefetch_bytes:
                     break
                 futures = [
-                    pool.submit(_load_one, units[position], checkpoint, device, method.stored_dtype_inputs)
+                    pool.submit(_load_one, units[position], checkpoint, device, method)
                     for checkpoint in checkpoints
                 ]
                 pending.append((units[position], futures))
@@ -584,7 +578,13 @@ def _merge_loaded(
     loaded = [future.result() for future in futures]
     base = loaded[0] if inputs.base is not None else None
     models = loaded[1:] if inputs.base is not None else loaded
-    return _merge_one(unit.item, base, models, method, seed)
+    try:
+        return _merge_one(unit.item, base, models, method, seed)
+    except NonFiniteInputError as error:
+        # The method checked its inputs itself (`checks_finite`): name the checkpoint.
+        checkpoint = inputs.base if error.model_index is None else inputs.models[error.model_index]
+        assert checkpoint is not None
+        raise _non_finite_error(unit.item.name, checkpoint) from None
 
 
 def _merge_one(

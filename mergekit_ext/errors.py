@@ -23,6 +23,16 @@ class InvalidTensorError(MergekitExtError):
     """An input tensor holds NaN or Inf values or has an unsupported dtype."""
 
 
+class NonFiniteInputError(InvalidTensorError):
+    """A method found NaN or Inf in one of its inputs: the base (`model_index` None) or a model."""
+
+    def __init__(self, tensor_name: str, model_index: int | None) -> None:
+        self.tensor_name = tensor_name
+        self.model_index = model_index
+        source = "the base" if model_index is None else f"model {model_index}"
+        super().__init__(f"tensor {tensor_name!r} of {source} contains NaN or Inf values")
+
+
 class OutputError(MergekitExtError):
     """The output folder cannot be written: it exists, is an input, or the disk is full."""
 

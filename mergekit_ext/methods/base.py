@@ -58,12 +58,17 @@ class MergeMethod(Protocol):
     `stored_dtype_inputs` is true when `merge` accepts floating inputs in their stored
     dtype (bf16, say) and converts them to float32 block by block itself. The engine
     then passes them as read instead of making a float32 copy of each whole input.
+
+    `checks_finite` is true when `merge` raises `NonFiniteInputError` for an input with
+    a NaN or Inf entry. The engine then skips its own check of every input, a pass over
+    memory that the fused kernels make as part of their work.
     """
 
     name: str
     requires_base: bool
     elementwise: bool
     stored_dtype_inputs: bool
+    checks_finite: bool
     parameters: tuple[ParameterSpec, ...]
     description: str
 

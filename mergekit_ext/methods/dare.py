@@ -65,6 +65,7 @@ class DareMethod:
     requires_base: bool = True
     elementwise: bool = False
     stored_dtype_inputs: bool = False
+    checks_finite: bool = False
     parameters: tuple[ParameterSpec, ...] = _DARE_PARAMETERS
 
     def merge(self, inputs: TensorMergeInput) -> torch.Tensor:

@@ -59,7 +59,9 @@ class Band:
 
     `above` counts the entries above the band. `values` and `positions` contain the band's
     other entries in flat order, and `ties` counts those equal to the tie value, whose
-    count in each chunk of CHUNK entries is in `chunk_ties`.
+    count in each chunk of CHUNK entries is in `chunk_ties`. `non_finite` counts the
+    magnitudes that are NaN or infinite: where an input entry is, or where a difference
+    of finite entries overflowed.
     """
 
     above: int
@@ -67,6 +69,7 @@ class Band:
     positions: torch.Tensor
     ties: int
     chunk_ties: torch.Tensor
+    non_finite: int = 0
 
 
 @dataclass(frozen=True)
@@ -134,19 +137,24 @@ def band(
     few percent of their entries on the one value where the cut falls, and collecting
     them was most of the pass's time. The default, -1, matches no magnitude.
     `capacity` is the expected number of collected entries. When more fall inside,
-    a second pass collects them into buffers of the counted size.
+    a second pass collects them into buffers of the counted size. The pass also counts
+    the magnitudes that are NaN or infinite, so a caller needs no separate check of
+    the inputs while they are finite.
     """
     kernels = _require()
     chunk_ties = torch.empty(-(-model.numel() // CHUNK), dtype=torch.int64)
     while True:
         values = torch.empty(capacity + GROUP, dtype=torch.float32)
         positions = torch.empty(capacity + GROUP, dtype=torch.int64)
-        above, count, inside = kernels.band(
+        above, count, inside, non_finite = kernels.band(
             _bits(model), _bits(base), np.float32(low), np.float32(high), np.float32(tie),
             values.numpy(), positions.numpy(), chunk_ties.numpy(),
         )
         if inside <= capacity:
-            return Band(int(above), values[:count], positions[:count], int(chunk_ties.sum()), chunk_ties)
+            return Band(
+                int(above), values[:count], positions[:count], int(chunk_ties.sum()), chunk_ties,
+                int(non_finite),
+            )
         capacity = int(inside)
 
 
@@ -176,7 +184,7 @@ def consensus(
     scale_values = tuple(np.float32(scale) for scale in scales)
     weight_values = tuple(np.float32(weight) for weight in weights)
 
-    def merge_part(base_bits: np.ndarray, model_bits: tuple[np.ndarray, ...], output: np.ndarray, start: int) -> None:
+    def merge_part(base_bits: np.ndarray, model_bits: tuple[np.ndarray, ...], output: np.ndarray, start: int) -> bool:
         # Tie ends are flat positions, so they move with the part's start.
         kernels.consensus(
             base_bits,
@@ -191,8 +199,9 @@ def consensus(
             output,
             output.dtype == np.uint16,
         )
+        return False
 
-    return _merge_in_parts(base, models, merge_part, output_dtype(out_dtype))
+    return _merge_in_parts(base, models, merge_part, output_dtype(out_dtype))[0]
 
 
 def task_arithmetic(
@@ -203,18 +212,20 @@ def task_arithmetic(
     divisor: float | None,
     scaling: float,
     out_dtype: torch.dtype | None = None,
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, bool]:
     """Return base + scaling * sum(w_i (x_i - base)) of flat inputs, divided by `divisor` unless None.
 
     The same computation as `combine.merge_task_vectors` without masks or sign
     consensus, in one pass over the inputs. The result is float32, or bf16 when
-    `out_dtype` is bf16 (see `output_dtype`).
+    `out_dtype` is bf16 (see `output_dtype`). The flag beside it is True when an
+    output entry is NaN or infinite, as it is wherever an input entry is: the
+    arithmetic turns no NaN or infinity into a finite value.
     """
     kernels = _require()
     weight_values = tuple(np.float32(weight) for weight in weights)
 
-    def merge_part(base_bits: np.ndarray, model_bits: tuple[np.ndarray, ...], output: np.ndarray, start: int) -> None:
-        kernels.task_arithmetic(
+    def merge_part(base_bits: np.ndarray, model_bits: tuple[np.ndarray, ...], output: np.ndarray, start: int) -> bool:
+        return kernels.task_arithmetic(
             base_bits,
             model_bits,
             weight_values,
@@ -240,10 +251,13 @@ def output_dtype(out_dtype: torch.dtype | None) -> torch.dtype:
 def _merge_in_parts(
     base: torch.Tensor,
     models: Sequence[torch.Tensor],
-    merge_part: Callable[[np.ndarray, tuple[np.ndarray, ...], np.ndarray, int], None],
+    merge_part: Callable[[np.ndarray, tuple[np.ndarray, ...], np.ndarray, int], bool],
     dtype: torch.dtype,
-) -> torch.Tensor:
-    """Return an output of `dtype` that `merge_part(base, models, output, start)` fills part by part, side by side."""
+) -> tuple[torch.Tensor, bool]:
+    """Fill an output of `dtype` part by part, side by side, with `merge_part(base, models, output, start)`.
+
+    Returns the output and whether any part's call returned True.
+    """
     output = torch.empty(base.numel(), dtype=dtype)
     base_bits = _bits(base)
     model_bits = tuple(_bits(model) for model in models)
@@ -254,8 +268,8 @@ def _merge_in_parts(
         )
         for part in split(base.numel())
     ]
-    run_parallel(calls)
-    return output
+    flags = run_parallel(calls)
+    return output, any(flags)
 
 
 def split(total: int) -> list[slice]:

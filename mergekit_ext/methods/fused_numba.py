@@ -16,6 +16,9 @@ from numba.extending import intrinsic
 
 from mergekit_ext.methods.fused import CHUNK, GROUP
 
+# Entries above it in magnitude are infinite or NaN (whose comparisons are all false).
+FLOAT32_MAX = np.float32(np.finfo(np.float32).max)
+
 
 @intrinsic
 def _fma(typing_context, a, b, c):  # type: ignore[no-untyped-def]
@@ -111,6 +114,7 @@ def band(model, base, low, high, tie, values, positions, chunk_ties):  # type: i
     above = 0
     count = np.uint64(0)
     inside_total = 0
+    non_finite = 0
     for start in range(0, total, CHUNK):
         size = min(CHUNK, total - start)
         base_chunk = base[start : start + size]
@@ -126,6 +130,7 @@ def band(model, base, low, high, tie, values, positions, chunk_ties):  # type: i
             group_above = np.int32(0)
             group_inside = np.int32(0)
             group_ties = np.int32(0)
+            group_non_finite = np.int32(0)
             if group < groups:
                 group_model = model_chunk[first : first + GROUP]
                 group_base = base_chunk[first : first + GROUP]
@@ -133,6 +138,7 @@ def band(model, base, low, high, tie, values, positions, chunk_ties):  # type: i
                 for k in range(GROUP):
                     magnitude = abs(_to_float(group_model[k]) - _to_float(group_base[k]))
                     group_magnitudes[k] = magnitude
+                    group_non_finite = _tally(group_non_finite, not magnitude <= FLOAT32_MAX)
                     is_above = magnitude > high
                     is_tie = magnitude == tie
                     group_above = _tally(group_above, is_above)
@@ -142,6 +148,7 @@ def band(model, base, low, high, tie, values, positions, chunk_ties):  # type: i
                 for k in range(first, size):
                     magnitude = abs(_to_float(model_chunk[k]) - _to_float(base_chunk[k]))
                     magnitudes[k] = magnitude
+                    group_non_finite = _tally(group_non_finite, not magnitude <= FLOAT32_MAX)
                     is_above = magnitude > high
                     is_tie = magnitude == tie
                     group_above = _tally(group_above, is_above)
@@ -149,6 +156,7 @@ def band(model, base, low, high, tie, values, positions, chunk_ties):  # type: i
                     group_inside = _tally(group_inside, (magnitude >= low) & (not is_above) & (not is_tie))
             above += group_above
             ties += group_ties
+            non_finite += group_non_finite
             members[group] = group_inside
             inside += group_inside
         chunk_ties[start // CHUNK] = ties
@@ -167,7 +175,7 @@ def band(model, base, low, high, tie, values, positions, chunk_ties):  # type: i
                 values[count] = magnitude
                 positions[count] = start + first + k
                 count = _tally(count, (magnitude >= low) & (magnitude <= high) & (magnitude != tie))
-    return above, count, inside_total
+    return above, count, inside_total, non_finite
 
 
 @njit(cache=True, nogil=True)
@@ -212,8 +220,11 @@ def consensus(  # type: ignore[no-untyped-def]
 
 @njit(cache=True, nogil=True)
 def task_arithmetic(base, models, weights, normalize, divisor, scaling, output, round_to_bf16):  # type: ignore[no-untyped-def]
+    # Returns True when an output entry is NaN or infinite, as it is wherever an input is.
     total = base.shape[0]
     model_count = len(models)
+    magnitude_bits = np.uint32(0x7FFF) if round_to_bf16 else np.uint32(0x7FFFFFFF)
+    largest = np.uint32(0)
     for k in range(total):
         base_value = _to_float(base[k])
         mixed = np.float32(0.0)
@@ -221,4 +232,7 @@ def task_arithmetic(base, models, weights, normalize, divisor, scaling, output, 
             mixed = _fma(_to_float(models[j][k]) - base_value, weights[j], mixed)
         if normalize:
             mixed = mixed / divisor
-        output[k] = _output_bits(mixed * scaling + base_value, round_to_bf16)
+        pattern = _output_bits(mixed * scaling + base_value, round_to_bf16)
+        output[k] = pattern
+        largest = max(largest, pattern & magnitude_bits)
+    return largest >= (np.uint32(0x7F80) if round_to_bf16 else np.uint32(0x7F800000))

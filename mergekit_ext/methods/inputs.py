@@ -1,10 +1,11 @@
-"""Checks shared by every kernel: base presence, matching shapes, float32 inputs."""
+"""Checks shared by every kernel: base presence, matching shapes, finite values, float32 inputs."""
 
 from __future__ import annotations
 
 import torch
 
-from mergekit_ext.errors import IncompatibleModelsError, RecipeError
+from mergekit_ext.errors import IncompatibleModelsError, NonFiniteInputError, RecipeError
+from mergekit_ext.methods import fused
 from mergekit_ext.methods.base import TensorMergeInput
 
 
@@ -40,6 +41,32 @@ def check_shapes(inputs: TensorMergeInput, include_base: bool = True) -> None:
                 f"{reference_label} but {tuple(tensor.shape)} in {label}. Merge only "
                 f"models of the same architecture, or align the vocabulary first"
             )
+
+
+def all_finite(tensor: torch.Tensor, *, load_kernels: bool = True) -> bool:
+    """Return True when a floating-point tensor has no NaN or infinite entry.
+
+    With `load_kernels` False, the fused kernels check only once something else has
+    loaded them. Loading numba takes about 1 s, which would hold up a reader thread.
+    """
+    if tensor.numel() == 0:
+        return True
+    if tensor.is_contiguous() and (load_kernels or fused.loaded()) and fused.accepts([tensor.view(-1)]):
+        return fused.all_finite(tensor.view(-1))
+    # NaN propagates through min and max, and an Inf is the min or the max, so two
+    # reductions decide it. This is one fast pass, while torch.isfinite would also write
+    # a boolean tensor as large as the input.
+    low, high = torch.aminmax(tensor)
+    return bool(torch.isfinite(torch.stack([low, high])).all())
+
+
+def check_finite(inputs: TensorMergeInput) -> None:
+    """Raise `NonFiniteInputError` for the first input, the base and then the models, with a NaN or Inf entry."""
+    if inputs.base is not None and not all_finite(inputs.base):
+        raise NonFiniteInputError(inputs.name, None)
+    for index, model in enumerate(inputs.models):
+        if not all_finite(model):
+            raise NonFiniteInputError(inputs.name, index)
 
 
 def task_vectors(base: torch.Tensor, inputs: TensorMergeInput) -> list[torch.Tensor]:

@@ -102,6 +102,7 @@ class IsoCMethod:
     requires_base: bool = True
     elementwise: bool = False
     stored_dtype_inputs: bool = False
+    checks_finite: bool = False
     parameters: tuple[ParameterSpec, ...] = (ALPHA,)
     description: str = (
         "Iso-C: for 2-D tensors, base + alpha * U (mean sigma) V^T of the summed task "
@@ -129,6 +130,7 @@ class IsoCtsMethod:
     requires_base: bool = True
     elementwise: bool = False
     stored_dtype_inputs: bool = False
+    checks_finite: bool = False
     parameters: tuple[ParameterSpec, ...] = (ALPHA, COMMON_SPACE_FRACTION)
     description: str = (
         "Iso-CTS: for 2-D tensors, a common subspace of the summed task vectors plus "

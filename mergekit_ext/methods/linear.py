@@ -37,6 +37,7 @@ class LinearMethod:
     requires_base: bool = False
     elementwise: bool = True
     stored_dtype_inputs: bool = False
+    checks_finite: bool = False
     parameters: tuple[ParameterSpec, ...] = (WEIGHT, normalize_spec(True))
     description: str = (
         "Weighted average sum(w_i x_i) / sum(w_i) of the listed models; the base "

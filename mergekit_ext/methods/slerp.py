@@ -55,6 +55,7 @@ class SlerpMethod:
     requires_base: bool = True
     elementwise: bool = False
     stored_dtype_inputs: bool = False
+    checks_finite: bool = False
     parameters: tuple[ParameterSpec, ...] = (
         ParameterSpec(
             "t",

@@ -75,16 +75,19 @@ class StoredMagnitudes:
         return self.values[part]
 
 
-@dataclass(frozen=True)
+@dataclass
 class TaskVectorMagnitudes:
     """|model - base| of two flat tensors, computed in float32 only where it is read.
 
     The inputs stay in their stored dtype (bf16, say), so a float32 copy as large as
-    the tensor is never made: selection and merge read it block by block.
+    the tensor is never made: selection and merge read it block by block. A selection
+    by the fused kernels sets `finite_checked` once its pass has found every entry of
+    both inputs finite, and raises `NonFiniteMagnitudes` where it found one that is not.
     """
 
     model: torch.Tensor
     base: torch.Tensor
+    finite_checked: bool = False
 
     def numel(self) -> int:
         """Return the number of entries."""
@@ -98,6 +101,14 @@ class TaskVectorMagnitudes:
     def block(self, part: slice) -> torch.Tensor:
         """Return |model - base| over one contiguous block."""
         return torch.sub(self.model[part].float(), self.base[part].float()).abs_()
+
+
+class NonFiniteMagnitudes(Exception):
+    """A selection pass found NaN or Inf in the base (`in_base`) or else in the model of `TaskVectorMagnitudes`."""
+
+    def __init__(self, in_base: bool) -> None:
+        super().__init__("NaN or Inf in the " + ("base" if in_base else "model"))
+        self.in_base = in_base
 
 
 def float32_below(value: float) -> float:
@@ -363,6 +374,15 @@ def _fused_selection(
         bracketed -= int(level_counts[most_frequent])
     capacity = 2 * source.numel() * bracketed // sample.numel() + fused.CHUNK
     band = fused.band(*pair, low, high, capacity, tie)
+    if band.non_finite:
+        # A NaN or Inf input entry, unless a difference of finite entries overflowed.
+        model, base = pair
+        if not fused.all_finite(base):
+            raise NonFiniteMagnitudes(in_base=True)
+        if not fused.all_finite(model):
+            raise NonFiniteMagnitudes(in_base=False)
+    if isinstance(source, TaskVectorMagnitudes):
+        source.finite_checked = True
 
     needed = count - band.above
     values = band.values

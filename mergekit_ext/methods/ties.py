@@ -10,7 +10,8 @@ import torch
 from mergekit_ext.methods import fused
 from mergekit_ext.methods.base import ParameterSpec, TensorMergeInput
 from mergekit_ext.methods.consensus import consensus_merge
-from mergekit_ext.methods.inputs import check_shapes, stored_base
+from mergekit_ext.errors import NonFiniteInputError
+from mergekit_ext.methods.inputs import all_finite, check_finite, check_shapes, stored_base
 from mergekit_ext.methods.parameters import (
     DENSITY,
     INT8_MASK,
@@ -22,6 +23,7 @@ from mergekit_ext.methods.parameters import (
 )
 from mergekit_ext.methods.sparsify import (
     MagnitudeCut,
+    NonFiniteMagnitudes,
     TaskVectorMagnitudes,
     block_slices,
     cut_l1_rescale_factor,
@@ -37,6 +39,7 @@ class TiesMethod:
     requires_base: bool = True
     elementwise: bool = False
     stored_dtype_inputs: bool = True
+    checks_finite: bool = True
     parameters: tuple[ParameterSpec, ...] = (
         WEIGHT,
         DENSITY,
@@ -64,19 +67,25 @@ class TiesMethod:
         check_shapes(inputs)
         resolved = resolve_parameters(self.name, self.parameters, inputs)
         flat_models = [model.reshape(-1) for model in inputs.models]
+        use_fused = fused.accepts([base, *flat_models])
+        if not use_fused:
+            check_finite(inputs)
         selections = [
-            functools.partial(_selected_task_vector, model, base, weight, density, resolved.flag("rescale"))
-            for model, weight, density in zip(
-                flat_models, resolved.model_values("weight"), resolved.model_values("density")
+            functools.partial(
+                _selected_task_vector, inputs.name, index, model, base, weight, density, resolved.flag("rescale"), use_fused
+            )
+            for index, (model, weight, density) in enumerate(
+                zip(flat_models, resolved.model_values("weight"), resolved.model_values("density"))
             )
         ]
-        use_fused = fused.accepts([base, *flat_models])
         if use_fused and base.numel() >= fused.PARALLEL_MIN_ELEMENTS:
             # The fused kernels release the GIL, so the models' cuts are found side by side.
             found = fused.run_parallel(selections)
         else:
             found = [select() for select in selections]
-        task_vectors = [task_vector for task_vector in found if task_vector is not None]
+        if use_fused and not any(base_checked for _, base_checked in found) and not all_finite(base):
+            raise NonFiniteInputError(inputs.name, None)
+        task_vectors = [task_vector for task_vector, _ in found if task_vector is not None]
         if use_fused:
             merged = _fused_consensus(
                 base, task_vectors, resolved.flag("normalize"), resolved.shared["lambda"], inputs.out_dtype
@@ -101,20 +110,38 @@ class _SelectedTaskVector:
 
 
 def _selected_task_vector(
-    model: torch.Tensor, base: torch.Tensor, weight: float, density: float, rescale: bool
-) -> _SelectedTaskVector | None:
-    """Find the magnitude cut of one model, or None when its task vector is all zero."""
+    name: str,
+    index: int,
+    model: torch.Tensor,
+    base: torch.Tensor,
+    weight: float,
+    density: float,
+    rescale: bool,
+    check: bool,
+) -> tuple[_SelectedTaskVector | None, bool]:
+    """Find the magnitude cut of model `index`, or None when its task vector is all zero.
+
+    With `check`, raises `NonFiniteInputError` for NaN or Inf in the model or the base.
+    The fused selection pass checks both inputs as it reads them, and only a model
+    that no such pass read gets a check of its own. The flag returned is True when
+    the pass checked the base.
+    """
     magnitudes = TaskVectorMagnitudes(model, base)
-    cut = magnitude_cut(magnitudes, density)
+    try:
+        cut = magnitude_cut(magnitudes, density)
+    except NonFiniteMagnitudes as error:
+        raise NonFiniteInputError(name, None if error.in_base else index) from None
+    if check and not magnitudes.finite_checked and not all_finite(model):
+        raise NonFiniteInputError(name, index)
     if cut is not None and float(cut.value) == 0.0:
         if cut.above == 0:
             # The model leaves this tensor unchanged (a frozen embedding, say): its
             # zero task vector adds nothing whatever the mask, so skip it.
-            return None
+            return None, magnitudes.finite_checked
         # Kept zeros add nothing, so keeping only the entries above zero is the same.
         cut = MagnitudeCut(cut.value, cut.above, 0)
     scale = cut_l1_rescale_factor(magnitudes, cut) if rescale and cut is not None else None
-    return _SelectedTaskVector(model, weight, cut, scale)
+    return _SelectedTaskVector(model, weight, cut, scale), magnitudes.finite_checked
 
 
 def _consensus_block(

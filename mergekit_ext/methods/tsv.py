@@ -71,6 +71,7 @@ class TsvMethod:
     requires_base: bool = True
     elementwise: bool = False
     stored_dtype_inputs: bool = False
+    checks_finite: bool = False
     parameters: tuple[ParameterSpec, ...] = (ALPHA,)
     description: str = (
         "TSV-M: for 2-D tensors, each task keeps its top floor(min(m, n) / T) singular "

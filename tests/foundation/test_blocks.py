@@ -15,8 +15,9 @@ from safetensors.torch import load_file, save_file
 from mergekit_ext.checkpoint import Checkpoint, PlannedTensor, StreamingWriter
 from mergekit_ext.checkpoint.hashing import files_sha256
 from mergekit_ext import engine
-from mergekit_ext.engine import MergeOptions, _all_finite, run_recipe
+from mergekit_ext.engine import MergeOptions, run_recipe
 from mergekit_ext.errors import CheckpointError, InvalidTensorError, OutputError
+from mergekit_ext.methods.inputs import all_finite
 from mergekit_ext.recipe import parse_recipe
 
 ModelFactory = Callable[..., list[Path]]
@@ -111,23 +112,48 @@ def test_late_block_nan_is_named(tiny_models: ModelFactory, tmp_path: Path) -> N
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("method", ["ties", "task_arithmetic"])
+@pytest.mark.parametrize("culprit", [0, 2])
+def test_fused_merge_names_non_finite_input(method: str, culprit: int, tmp_path: Path) -> None:
+    # These methods check their inputs inside the fused kernels, which take tensors of
+    # 65536 entries or more, instead of in the reader.
+    generator = torch.Generator().manual_seed(5)
+    folders = []
+    for index in range(3):
+        folder = tmp_path / f"input-{index}"
+        folder.mkdir()
+        state = {
+            "big.weight": torch.randn(300, 256, generator=generator).to(torch.bfloat16),
+            "small.weight": torch.randn(8, generator=generator).to(torch.bfloat16),
+        }
+        if index == culprit:
+            state["big.weight"][299, 255] = float("nan")
+        save_file(state, str(folder / "model.safetensors"))
+        folders.append(folder)
+    with pytest.raises(InvalidTensorError) as error:
+        run_recipe(recipe(method, folders[0], folders[1:]), MergeOptions(output=tmp_path / "out"))
+    assert "'big.weight'" in str(error.value)
+    assert f"in {folders[culprit]} contains" in str(error.value)
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
 def test_finiteness_check_on_a_large_tensor(bad: float, dtype: torch.dtype) -> None:
     # Large enough for the fused kernel (float32 and bf16) and for torch's vectorized
     # and multi-threaded reduction (float16, and a column that is not contiguous).
     tensor = torch.zeros(3_000_001, dtype=dtype)
-    assert _all_finite(tensor)
+    assert all_finite(tensor)
     tensor[1_234_567] = bad
-    assert not _all_finite(tensor)
-    assert not _all_finite(tensor.reshape(-1, 1)[:, 0])
-    assert not _all_finite(torch.stack([tensor[1:], tensor[1:]], dim=1)[:, 0])
+    assert not all_finite(tensor)
+    assert not all_finite(tensor.reshape(-1, 1)[:, 0])
+    assert not all_finite(torch.stack([tensor[1:], tensor[1:]], dim=1)[:, 0])
     extremes = torch.zeros(3_000_001, dtype=dtype)
     extremes[5] = torch.finfo(dtype).max
     extremes[6] = -torch.finfo(dtype).max
-    assert _all_finite(extremes)
-    assert _all_finite(torch.full((5,), torch.finfo(dtype).max))
-    assert _all_finite(torch.zeros(0, dtype=dtype))
+    assert all_finite(extremes)
+    assert all_finite(torch.full((5,), torch.finfo(dtype).max))
+    assert all_finite(torch.zeros(0, dtype=dtype))
 
 
 def test_hash_is_remembered(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -9,6 +9,7 @@ import pytest
 import torch
 from numba import njit
 
+from mergekit_ext.errors import NonFiniteInputError
 from mergekit_ext.methods import TensorMergeInput, fused, get_method
 from mergekit_ext.methods.sparsify import TaskVectorMagnitudes, kth_largest, magnitude_cut
 
@@ -294,3 +295,68 @@ def test_magnitudes_at_matches_torch(dtype: torch.dtype) -> None:
     positions = torch.sort(drawn).values
     expected = (model[positions].float() - base[positions].float()).abs()
     assert torch.equal(fused.magnitudes_at(model, base, positions), expected)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("where", ["base", 0, 1])
+@pytest.mark.parametrize("densities", [(0.5, 0.5), (1.0, 0.5), (1.0, 1.0), (0.0, 1.0)])
+def test_fused_ties_names_non_finite_input(bad: float, where: str | int, densities: tuple[float, float]) -> None:
+    # Density 1 keeps a model out of the selection pass, so its own check must find it.
+    base, models = bf16_inputs(fused.PARALLEL_MIN_ELEMENTS + 77, 2, seed=21)
+    target = base if where == "base" else models[int(where)]
+    target[fused.PARALLEL_MIN_ELEMENTS + 3] = bad
+    parameters = [{"weight": 0.5, "density": density} for density in densities]
+    with pytest.raises(NonFiniteInputError) as error:
+        ties(base, models, parameters)
+    assert error.value.model_index == (None if where == "base" else where)
+    assert error.value.tensor_name == "t"
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("where", ["base", 0, 1, 2])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_task_arithmetic_names_non_finite_input(bad: float, where: str | int, dtype: torch.dtype) -> None:
+    base, models = bf16_inputs(fused.PARALLEL_MIN_ELEMENTS + 77, 3, seed=22)
+    base, models = base.to(dtype), [model.to(dtype) for model in models]
+    target = base if where == "base" else models[int(where)]
+    target[5] = bad
+    # Model 1 has weight 0, and its NaN or Inf still reaches the output, because 0 * Inf is NaN.
+    merge_input = TensorMergeInput(
+        name="t", base=base, models=models, model_parameters=[{"weight": w} for w in (0.5, 0.0, 1.0)], seed=0
+    )
+    with pytest.raises(NonFiniteInputError) as error:
+        get_method("task_arithmetic").merge(merge_input)
+    assert error.value.model_index == (None if where == "base" else where)
+
+
+def test_overflow_of_finite_inputs_is_kept() -> None:
+    # Finite inputs whose task vectors overflow float32 are valid: the merges return what
+    # the torch path returns instead of reporting a non-finite input.
+    size = fused.PARALLEL_MIN_ELEMENTS + 77
+    largest = torch.finfo(torch.bfloat16).max
+    base = torch.zeros(size, dtype=torch.bfloat16)
+    base[10] = -largest
+    models = [torch.zeros(size, dtype=torch.bfloat16) for _ in range(2)]
+    models[0][10] = largest
+    models[1][11] = 1.0
+    ta_input = TensorMergeInput(
+        name="t", base=base, models=models, model_parameters=[{"weight": 1.0}, {"weight": 1.0}], seed=0
+    )
+    merged = get_method("task_arithmetic").merge(ta_input)
+    assert merged[10] == float("inf")
+    assert merged[11] == 1.0
+    parameters = [{"weight": 1.0, "density": 0.5}, {"weight": 1.0, "density": 0.5}]
+    merged = ties(base, models, parameters)
+    assert merged[10] == float("inf")
+    assert merged[11] == 1.0
+
+
+def test_band_counts_non_finite_magnitudes() -> None:
+    base, models = bf16_inputs(fused.PARALLEL_MIN_ELEMENTS + 77, 1, seed=23)
+    model = models[0]
+    assert fused.band(model, base, 0.1, 0.2, capacity=200_000).non_finite == 0
+    model[3] = float("nan")
+    base[99] = float("-inf")
+    base[100] = float("inf")
+    model[100] = float("inf")  # inf - inf is NaN
+    assert fused.band(model, base, 0.1, 0.2, capacity=200_000).non_finite == 3
