@@ -7,10 +7,10 @@ from dataclasses import dataclass
 
 import torch
 
+from mergekit_ext.errors import NonFiniteInputError
 from mergekit_ext.methods import fused
 from mergekit_ext.methods.base import ParameterSpec, TensorMergeInput
 from mergekit_ext.methods.consensus import consensus_merge
-from mergekit_ext.errors import NonFiniteInputError
 from mergekit_ext.methods.inputs import all_finite, check_finite, check_shapes, stored_base
 from mergekit_ext.methods.parameters import (
     DENSITY,
