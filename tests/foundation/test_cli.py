@@ -257,12 +257,31 @@ def test_sigterm_leaves_no_partial_output(tmp_path: Path) -> None:
     assert process.poll() is None, "the merge finished before it could be interrupted"
     os.kill(process.pid, signal.SIGTERM)
     # Signals that arrive during the cleanup are ignored, so it still removes the partial output.
-    time.sleep(0.02)
+    # They are sent once the handler of the first has run: the interpreter runs pending
+    # handlers in signal-number order, so a SIGINT pending beside it would run first.
+    _wait_until_ignored(process.pid, signal.SIGTERM)
     os.kill(process.pid, signal.SIGTERM)
     os.kill(process.pid, signal.SIGINT)
     assert process.wait(timeout=60) == 128 + signal.SIGTERM
     assert not out.exists()
     assert [path for path in tmp_path.iterdir() if ".partial-" in path.name] == []
+
+
+def _wait_until_ignored(pid: int, number: int, timeout: float = 30.0) -> None:
+    """Wait until process `pid` ignores signal `number`, read from the SigIgn mask in /proc (Linux)."""
+    import time
+
+    status = Path(f"/proc/{pid}/status")
+    if not status.exists():
+        time.sleep(0.5)  # no /proc: give the handler time to run
+        return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for line in status.read_text().splitlines():
+            if line.startswith("SigIgn:") and int(line.split()[1], 16) >> (number - 1) & 1:
+                return
+        time.sleep(0.005)
+    raise AssertionError(f"process {pid} did not start ignoring signal {number} within {timeout} s")
 
 
 @pytest.mark.parametrize(("handler", "raised"), [("_exit_on_signal", SystemExit), ("_interrupt", KeyboardInterrupt)])
