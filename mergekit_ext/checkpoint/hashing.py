@@ -13,6 +13,7 @@ the merge reads anyway.
 from __future__ import annotations
 
 import hashlib
+import heapq
 import json
 import logging
 import os
@@ -68,6 +69,7 @@ class StreamingDigest:
         self._digest = hashlib.sha256()
         self._position = 0  # bytes hashed so far
         self._pending: dict[int, bytes] = {}
+        self._pending_starts: list[int] = []  # a heap of the keys of _pending
         self._pending_bytes = 0
         self._lock = threading.Lock()
         self._value: str | None = None
@@ -88,6 +90,7 @@ class StreamingDigest:
                 self._hash_pending()
             elif self._pending_bytes + len(data) <= self._max_pending_bytes and position not in self._pending:
                 self._pending[position] = bytes(data)
+                heapq.heappush(self._pending_starts, position)
                 self._pending_bytes += len(data)
 
     def hexdigest(self) -> str:
@@ -99,27 +102,28 @@ class StreamingDigest:
             view = memoryview(block)
             while self._position < self.total_bytes:
                 self._hash_pending()
-                next_pending = min((start for start in self._pending if start > self._position), default=self.total_bytes)
+                # Every piece still kept starts past the hashed position.
+                next_pending = self._pending_starts[0] if self._pending_starts else self.total_bytes
                 self._hash_from_files(self._position, next_pending, view)
             self._value = self._digest.hexdigest()
             self._pending.clear()
+            self._pending_starts.clear()
         if _identity(self.files) == self._key:  # unchanged while it was read
             with _lock:
                 _remember(self._key, self._value)
         return self._value
 
     def _hash_pending(self) -> None:
-        while True:
-            ready = [start for start in self._pending if start <= self._position]
-            if not ready:
-                return
-            for start in sorted(ready):
-                data = self._pending.pop(start)
-                self._pending_bytes -= len(data)
-                end = start + len(data)
-                if end > self._position:
-                    self._digest.update(memoryview(data)[self._position - start :])
-                    self._position = end
+        # The heap gives the kept pieces in order of their starts, so each feed looks at
+        # the pieces it can hash and not at every piece kept.
+        while self._pending_starts and self._pending_starts[0] <= self._position:
+            start = heapq.heappop(self._pending_starts)
+            data = self._pending.pop(start)
+            self._pending_bytes -= len(data)
+            end = start + len(data)
+            if end > self._position:
+                self._digest.update(memoryview(data)[self._position - start :])
+                self._position = end
 
     def _hash_from_files(self, begin: int, end: int, view: memoryview) -> None:
         for file, start, size in zip(self.files, self._starts, self._sizes):
