@@ -37,7 +37,13 @@ from mergekit_ext.checkpoint.files import copy_config, copy_tokenizer, parse_dty
 from mergekit_ext.checkpoint.layout import SAFETENSORS_SINGLE
 from mergekit_ext.checkpoint.writer import DEFAULT_SHARD_SIZE, check_output_folder
 from mergekit_ext.device import resolve_device
-from mergekit_ext.errors import IncompatibleModelsError, InvalidTensorError, NonFiniteInputError, RecipeError
+from mergekit_ext.errors import (
+    IncompatibleModelsError,
+    InvalidTensorError,
+    NonFiniteInputError,
+    RecipeError,
+    TaskVectorOverflowError,
+)
 from mergekit_ext.methods import METHODS, get_method
 from mergekit_ext.methods.base import MergeMethod, TensorMergeInput
 from mergekit_ext.methods.inputs import all_finite
@@ -469,9 +475,11 @@ def _load_one(unit: _Unit, checkpoint: Checkpoint, device: torch.device, method:
 
 
 def _non_finite_error(name: str, checkpoint: Checkpoint) -> InvalidTensorError:
+    # Only a wider stored dtype (float64) has finite values that become Inf in float32.
+    wider = name in checkpoint and checkpoint.info(name).dtype not in _FLOAT32_EXACT_DTYPES
     return InvalidTensorError(
-        f"tensor {name!r} in {checkpoint.path} contains NaN or Inf values (or values "
-        "too large for float32); repair or re-export that checkpoint"
+        f"tensor {name!r} in {checkpoint.path} contains NaN or Inf values"
+        f"{' (or values too large for float32)' if wider else ''}; repair or re-export that checkpoint"
     )
 
 
@@ -580,6 +588,19 @@ def _merge_loaded(
     models = loaded[1:] if inputs.base is not None else loaded
     try:
         return _merge_one(unit.item, base, models, method, seed)
+    except torch.linalg.LinAlgError as error:
+        # A decomposition (SVD, eigh) of the subspace merges failed, most likely on
+        # values so large that their sums overflow float32.
+        raise InvalidTensorError(
+            f"merging tensor {unit.item.name!r} with {method.name} failed: {error}. Check the "
+            "inputs for extreme values, or use a method without a decomposition (task_arithmetic, ties)"
+        ) from None
+    except TaskVectorOverflowError as error:
+        raise InvalidTensorError(
+            f"tensor {unit.item.name!r} of {inputs.models[error.model_index].path} differs from the base "
+            "by more than float32 holds (about 3.4e38), so its task vector is infinite. Check both "
+            "checkpoints for corrupted values, or use a method without a decomposition (task_arithmetic, ties)"
+        ) from None
     except NonFiniteInputError as error:
         # The method checked its inputs itself (`checks_finite`): name the checkpoint.
         checkpoint = inputs.base if error.model_index is None else inputs.models[error.model_index]

@@ -33,6 +33,18 @@ class NonFiniteInputError(InvalidTensorError):
         super().__init__(f"tensor {tensor_name!r} of {source} contains NaN or Inf values")
 
 
+class TaskVectorOverflowError(InvalidTensorError):
+    """A model's task vector (model minus base) overflows float32: `model_index` is its position."""
+
+    def __init__(self, tensor_name: str, model_index: int) -> None:
+        self.tensor_name = tensor_name
+        self.model_index = model_index
+        super().__init__(
+            f"tensor {tensor_name!r}: model {model_index} differs from the base by more than float32 "
+            "holds (about 3.4e38)"
+        )
+
+
 class OutputError(MergekitExtError):
     """The output folder cannot be written: it exists, is an input, or the disk is full."""
 

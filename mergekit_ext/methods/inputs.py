@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from mergekit_ext.errors import IncompatibleModelsError, NonFiniteInputError, RecipeError
+from mergekit_ext.errors import IncompatibleModelsError, NonFiniteInputError, RecipeError, TaskVectorOverflowError
 from mergekit_ext.methods import fused
 from mergekit_ext.methods.base import TensorMergeInput
 
@@ -70,8 +70,16 @@ def check_finite(inputs: TensorMergeInput) -> None:
 
 
 def task_vectors(base: torch.Tensor, inputs: TensorMergeInput) -> list[torch.Tensor]:
-    """Return the task vectors (model minus base) in float32, in input order."""
-    return [model.float() - base for model in inputs.models]
+    """Return the task vectors (model minus base) in float32, in input order.
+
+    Raises `TaskVectorOverflowError` when one overflows float32, which the
+    decompositions of the subspace merges cannot take.
+    """
+    deltas = [model.float() - base for model in inputs.models]
+    for index, delta in enumerate(deltas):
+        if not all_finite(delta):
+            raise TaskVectorOverflowError(inputs.name, index)
+    return deltas
 
 
 def mean_task_vector(deltas: list[torch.Tensor]) -> torch.Tensor:

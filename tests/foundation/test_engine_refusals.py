@@ -106,6 +106,72 @@ def test_non_finite_input_is_named(tiny_models: ModelFactory, tmp_path: Path, ba
     assert_no_output(tmp_path)
 
 
+def huge_inputs(tmp_path: Path, deltas: list[float]) -> tuple[Path, list[Path]]:
+    """Write a float32 base that holds -2e38 at entry (0, 0) of a zero matrix, and a model per delta added there."""
+    folders = []
+    for index, delta in enumerate([0.0, *deltas]):
+        folder = tmp_path / f"input-{index}"
+        folder.mkdir()
+        weight = torch.zeros(6, 4)
+        weight[0, 0] = -2e38 + delta
+        save_file({"layer.weight": weight}, str(folder / "model.safetensors"))
+        folders.append(folder)
+    return folders[0], folders[1:]
+
+
+def subspace_recipe(method: str, base: Path, models: list[Path]) -> object:
+    return parse_recipe(
+        {"merge_method": method, "base_model": str(base), "models": [{"model": str(path)} for path in models]}
+    )
+
+
+@pytest.mark.parametrize("method", ["tsv", "iso_c", "iso_cts"])
+def test_overflowing_task_vector_is_named(tmp_path: Path, method: str) -> None:
+    # Model 1 holds a finite 2e38 (-2e38 + 4e38), but its difference from the base's -2e38 is not finite.
+    base, models = huge_inputs(tmp_path, [1.0, 4e38])
+    with pytest.raises(InvalidTensorError) as error:
+        run_recipe(subspace_recipe(method, base, models), MergeOptions(output=tmp_path / "out"))
+    assert "'layer.weight'" in str(error.value)
+    assert f"of {models[1]} differs from the base" in str(error.value)
+    assert_no_output(tmp_path)
+
+
+def test_failed_decomposition_is_one_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mergekit_ext.methods import iso
+
+    def failing(deltas: list[torch.Tensor]) -> torch.Tensor:
+        raise torch.linalg.LinAlgError("linalg.svd: The algorithm failed to converge")
+
+    monkeypatch.setattr(iso, "iso_c_merge", failing)
+    base, models = huge_inputs(tmp_path, [1.0, 2.0])
+    with pytest.raises(InvalidTensorError) as error:
+        run_recipe(subspace_recipe("iso_c", base, models), MergeOptions(output=tmp_path / "out"))
+    assert "merging tensor 'layer.weight' with iso_c failed" in str(error.value)
+    assert "failed to converge" in str(error.value)
+    assert_no_output(tmp_path)
+
+
+@pytest.mark.parametrize(("dtype", "value", "wider"), [(torch.float64, 1e300, True), (torch.bfloat16, float("nan"), False)])
+def test_float32_overflow_is_mentioned_for_float64(
+    tmp_path: Path, dtype: torch.dtype, value: float, wider: bool
+) -> None:
+    folders = []
+    for index in range(3):
+        folder = tmp_path / f"input-{index}"
+        folder.mkdir()
+        weight = torch.full((4, 4), 0.5 * index, dtype=dtype)
+        if index == 2:
+            weight[1, 1] = value
+        save_file({"layer.weight": weight}, str(folder / "model.safetensors"))
+        folders.append(folder)
+    recipe = parse_recipe({"merge_method": "linear", "models": [{"model": str(path), "parameters": {"weight": 1.0}} for path in folders]})
+    with pytest.raises(InvalidTensorError) as error:
+        run_recipe(recipe, MergeOptions(output=tmp_path / "out"))
+    assert f"'layer.weight' in {folders[2]} contains NaN or Inf values" in str(error.value)
+    assert ("too large for float32" in str(error.value)) == wider
+    assert_no_output(tmp_path)
+
+
 def test_existing_output_needs_force(tiny_models: ModelFactory, tmp_path: Path) -> None:
     base, first, second = tiny_models(3)
     out = tmp_path / "out"
