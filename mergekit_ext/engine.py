@@ -476,7 +476,7 @@ def _load_one(unit: _Unit, checkpoint: Checkpoint, device: torch.device, method:
 
 def _non_finite_error(name: str, checkpoint: Checkpoint) -> InvalidTensorError:
     # Only a wider stored dtype (float64) has finite values that become Inf in float32.
-    wider = name in checkpoint and checkpoint.info(name).dtype not in _FLOAT32_EXACT_DTYPES
+    wider = checkpoint.info(name).dtype not in _FLOAT32_EXACT_DTYPES
     return InvalidTensorError(
         f"tensor {name!r} in {checkpoint.path} contains NaN or Inf values"
         f"{' (or values too large for float32)' if wider else ''}; repair or re-export that checkpoint"
@@ -598,7 +598,7 @@ def _merge_loaded(
     except TaskVectorOverflowError as error:
         raise InvalidTensorError(
             f"tensor {unit.item.name!r} of {inputs.models[error.model_index].path} differs from the base "
-            "by more than float32 holds (about 3.4e38), so its task vector is infinite. Check both "
+            "by more than float32 can represent (about 3.4e38), so its task vector is infinite. Check both "
             "checkpoints for corrupted values, or use a method without a decomposition (task_arithmetic, ties)"
         ) from None
     except NonFiniteInputError as error:

@@ -41,7 +41,7 @@ class TaskVectorOverflowError(InvalidTensorError):
         self.model_index = model_index
         super().__init__(
             f"tensor {tensor_name!r}: model {model_index} differs from the base by more than float32 "
-            "holds (about 3.4e38)"
+            "can represent (about 3.4e38)"
         )
 
 

@@ -16,7 +16,8 @@ from numba.extending import intrinsic
 
 from mergekit_ext.methods.fused import CHUNK, GROUP
 
-# Entries above it in magnitude are infinite or NaN (whose comparisons are all false).
+# `not abs(x) <= FLOAT32_MAX` is true exactly for infinite and NaN x, because every
+# comparison with NaN is false.
 FLOAT32_MAX = np.float32(np.finfo(np.float32).max)
 
 

@@ -107,7 +107,7 @@ def test_non_finite_input_is_named(tiny_models: ModelFactory, tmp_path: Path, ba
 
 
 def huge_inputs(tmp_path: Path, deltas: list[float]) -> tuple[Path, list[Path]]:
-    """Write a float32 base that holds -2e38 at entry (0, 0) of a zero matrix, and a model per delta added there."""
+    """Write a float32 base with -2e38 at entry (0, 0) of a zero matrix, and one model per delta added to that entry."""
     folders = []
     for index, delta in enumerate([0.0, *deltas]):
         folder = tmp_path / f"input-{index}"
@@ -127,7 +127,7 @@ def subspace_recipe(method: str, base: Path, models: list[Path]) -> object:
 
 @pytest.mark.parametrize("method", ["tsv", "iso_c", "iso_cts"])
 def test_overflowing_task_vector_is_named(tmp_path: Path, method: str) -> None:
-    # Model 1 holds a finite 2e38 (-2e38 + 4e38), but its difference from the base's -2e38 is not finite.
+    # Model 1 contains a finite 2e38 (-2e38 + 4e38), but its difference from the base's -2e38 overflows.
     base, models = huge_inputs(tmp_path, [1.0, 4e38])
     with pytest.raises(InvalidTensorError) as error:
         run_recipe(subspace_recipe(method, base, models), MergeOptions(output=tmp_path / "out"))
