@@ -10,7 +10,12 @@ sequential read of the input files with `cat` and the same read with O_DIRECT
 (`dd iflag=direct`). The O_DIRECT read skips the page cache, so it is the disk's limit
 where filling the page cache costs much CPU time, as on the 2-core development VM.
 
-Run: python scripts/bench_merge.py [--repeats 2] [--workdir DIR] [--drop-caches]
+Run: python scripts/bench_merge.py [--repeats 2] [--workdir DIR] [--drop-caches | --evict-inputs]
+
+--drop-caches empties the whole page cache before every run (as after a reboot), so
+each tool also loads its own code (torch, for one) from the disk. --evict-inputs drops
+only the checkpoints and outputs, as for a merge of new inputs on a machine that has
+run the tools before.
 """
 
 from __future__ import annotations
@@ -113,11 +118,24 @@ def write_recipe(path: Path, method: str, base: Path, models: list[Path]) -> Pat
     return path
 
 
-def timed(command: list[str], drop_caches: bool, env: dict[str, str] | None = None) -> tuple[float, int]:
-    """Run `command` under GNU time; return wall seconds and peak RSS in bytes."""
-    if drop_caches:
+def timed(command: list[str], cold: str, root: Path, env: dict[str, str] | None = None) -> tuple[float, int]:
+    """Run `command` under GNU time; return wall seconds and peak RSS in bytes.
+
+    `cold` names what leaves the page cache first: "all" (every cached file, root
+    only), "inputs" (the checkpoints and outputs under `root`) or "none".
+    """
+    if cold != "none":
         subprocess.run(["sync"], check=True)
+    if cold == "all":
         Path("/proc/sys/vm/drop_caches").write_text("3\n")
+    elif cold == "inputs":
+        for path in root.glob("*/**/*"):
+            if path.is_file() and not path.name.endswith(".time"):
+                descriptor = os.open(path, os.O_RDONLY)
+                try:
+                    os.posix_fadvise(descriptor, 0, 0, os.POSIX_FADV_DONTNEED)
+                finally:
+                    os.close(descriptor)
     report = Path(tempfile.mkstemp(suffix=".time")[1])
     started = time.perf_counter()
     subprocess.run(["/usr/bin/time", "-f", "%M", "-o", str(report), *command], check=True,
@@ -135,7 +153,20 @@ def main() -> None:
     parser.add_argument("--models", type=int, default=4, help="Fine-tuned checkpoints merged onto the base.")
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--drop-caches", action="store_true", help="Drop the page cache before each run (root only).")
+    parser.add_argument(
+        "--evict-inputs",
+        action="store_true",
+        help="Before each run, drop only the pages of the input and output files (no root needed). "
+        "The tools' own code stays cached, as on a machine that ran them before.",
+    )
     args = parser.parse_args()
+    if args.drop_caches and args.evict_inputs:
+        parser.error("choose one of --drop-caches and --evict-inputs")
+    cold = "none"
+    if args.drop_caches:
+        cold = "all"
+    elif args.evict_inputs:
+        cold = "inputs"
 
     root = args.workdir or Path(tempfile.mkdtemp(prefix="bench-merge-"))
     bin_folder = Path(sys.executable).parent
@@ -155,12 +186,12 @@ def main() -> None:
         read_times = []
         direct_times = []
         for repeat in range(args.repeats):
-            read_times.append(timed(["cat", *(str(f / "model.safetensors") for f in folders)], args.drop_caches)[0])
+            read_times.append(timed(["cat", *(str(f / "model.safetensors") for f in folders)], cold, root)[0])
             # The same read with O_DIRECT, which skips the page cache as mergekit-ext's reader does.
             direct_read = " && ".join(
                 f"dd if={f / 'model.safetensors'} of=/dev/null bs=8M iflag=direct status=none" for f in folders
             )
-            direct_times.append(timed(["bash", "-c", direct_read], args.drop_caches)[0])
+            direct_times.append(timed(["bash", "-c", direct_read], cold, root)[0])
             for method in ("ties", "task_arithmetic"):
                 recipe = write_recipe(root / f"{method}.yaml", method, base, models)
                 ours = [str(bin_folder / "merge"), "run", str(recipe), "--output", str(root / "ours"), "--force"]
@@ -175,15 +206,15 @@ def main() -> None:
                 for tool, command, env in tools:
                     shutil.rmtree(root / "theirs", ignore_errors=True)
                     if tool == "mergekit-ext repeat" and not known_hashes.exists():
-                        timed(command, False, env)  # fills the digest cache and is not measured
-                    results.setdefault((method, tool), []).append(timed(command, args.drop_caches, env))
+                        timed(command, "none", root, env)  # fills the digest cache and is not measured
+                    results.setdefault((method, tool), []).append(timed(command, cold, root, env))
 
         plain_read = statistics.median(read_times)
         direct_read_time = statistics.median(direct_times)
         print(f"\ninput: {input_bytes / 1e9:.2f} GB in {len(folders)} files; plain sequential read "
               f"{plain_read:.2f} s ({input_bytes / plain_read / 1e9:.2f} GB/s, runs: {_runs(read_times)}); "
               f"with O_DIRECT (dd) {direct_read_time:.2f} s (runs: {_runs(direct_times)}); "
-              f"caches dropped: {args.drop_caches}; CPUs: {os.cpu_count()}")
+              f"page cache emptied before each run: {cold}; CPUs: {os.cpu_count()}")
         print("Times are medians over the rounds; the last column lists every round's time.")
         print(f"{'method':<16}{'tool':<21}{'wall s':>9}{'peak RSS GB':>13}{'read GB/s':>11}  runs s")
         for method in ("ties", "task_arithmetic"):
@@ -202,6 +233,9 @@ def main() -> None:
                       f"peak-RSS ratio mergekit/mergekit-ext = {theirs_peak / ours_peak:.2f}x, "
                       f"mergekit-ext time / plain read = {ours_wall / plain_read:.2f}x, "
                       f"/ O_DIRECT read = {ours_wall / direct_read_time:.2f}x")
+                # The disk's speed drifts between minutes, so each round is also set against its own read.
+                rounds = [r[0] / direct for r, direct in zip(results[(method, tool)], direct_times)]
+                print(f"    each round / that round's O_DIRECT read: {' / '.join(f'{x:.2f}x' for x in rounds)}")
     finally:
         if args.workdir is None:
             shutil.rmtree(root, ignore_errors=True)

@@ -25,11 +25,15 @@ import os
 import sys
 import threading
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from mergekit_ext.checkpoint.hashing import StreamingDigest
 from mergekit_ext.errors import CheckpointError
+
+if TYPE_CHECKING:
+    import torch
+
+    from mergekit_ext.checkpoint.head_start import FileHeadStart
 
 logger = logging.getLogger(__name__)
 
@@ -61,11 +65,24 @@ _DIRECT_FLAG = getattr(os, "O_DIRECT", 0)
 _LOWEST_BIT = bytes(value & 1 for value in range(256))
 
 
-class RawFile:
-    """An open safetensors file read by byte range, safe to use from several threads."""
+def aligned_start(offset: int, address: int) -> int:
+    """Return where in a buffer at `address` the byte at file `offset` goes, so aligned offsets land on aligned addresses.
 
-    def __init__(self, path: Path, *, direct: bool = True) -> None:
+    The buffer needs `3 * ALIGNMENT` bytes more than the data: the reads start and end
+    on aligned file offsets, before and after the data.
+    """
+    return ALIGNMENT + (offset - address) % ALIGNMENT
+
+
+class RawFile:
+    """An open safetensors file read by byte range, safe to use from several threads.
+
+    A `head_start` (see head_start), where given, serves the ranges it has read ahead.
+    """
+
+    def __init__(self, path: Path, *, direct: bool = True, head_start: FileHeadStart | None = None) -> None:
         self.path = path
+        self.head_start = head_start
         self.descriptor = os.open(path, os.O_RDONLY)
         self.size = os.fstat(self.descriptor).st_size
         self._lock = threading.Lock()
@@ -82,16 +99,30 @@ class RawFile:
         `description` names the bytes in errors. The tensor's data starts at the same offset modulo `ALIGNMENT` as the bytes in the
         file, so a caller viewing it as a wider dtype needs a suitably aligned `offset`.
         """
-        if nbytes < MIN_DIRECT_BYTES or not self._direct_ready():
+        import torch  # here, so that a head start (see head_start) can read before torch loads
+
+        served = self.head_start.take(offset, nbytes) if self.head_start is not None else None
+        if served is not None:
+            buffer, start = served
+            data = torch.frombuffer(buffer, dtype=torch.uint8, count=nbytes, offset=start)
+        elif nbytes < MIN_DIRECT_BYTES or not self._direct_ready():
             data = self._read_buffered(offset, nbytes, description)
-            self._feed_digest(offset, data)
-            return data
-        # Place the data so that every aligned file offset lands at an aligned address.
-        # The padding around the data leaves room for the aligned reads.
-        storage = torch.empty(nbytes + 3 * ALIGNMENT, dtype=torch.uint8)
-        start = ALIGNMENT + (offset - storage.data_ptr()) % ALIGNMENT
-        view = memoryview(storage.numpy())
-        if self._cached_bytes(offset, nbytes) == nbytes:
+        else:
+            # Place the data so that every aligned file offset lands at an aligned address.
+            storage = torch.empty(nbytes + 3 * ALIGNMENT, dtype=torch.uint8)
+            start = aligned_start(offset, storage.data_ptr())
+            self.read_into(memoryview(storage.numpy()), start, offset, nbytes, description)
+            data = storage[start : start + nbytes]
+        self._feed_digest(offset, data)
+        return data
+
+    def read_into(self, view: memoryview, start: int, offset: int, nbytes: int, description: str) -> None:
+        """Read `nbytes` bytes at `offset` into `view[start:]`, with O_DIRECT where it applies.
+
+        `view` must leave room for aligned reads: `start` as `aligned_start` places it, and
+        at least `2 * ALIGNMENT` bytes after the data.
+        """
+        if nbytes < MIN_DIRECT_BYTES or not self._direct_ready() or self._cached_bytes(offset, nbytes) == nbytes:
             self._pread_all(self.descriptor, view, start, offset, nbytes, description)
         else:
             # A partly cached range is read whole with O_DIRECT. A buffered copy of its
@@ -99,9 +130,6 @@ class RawFile:
             # Linux then reads the next window ahead even with POSIX_FADV_RANDOM (seen on
             # 6.18), and each range would leave the next one partly cached.
             self._read_direct(view, start, offset, offset + nbytes, description)
-        data = storage[start : start + nbytes]
-        self._feed_digest(offset, data)
-        return data
 
     def _advise_read_ahead(self) -> None:
         """Set the kernel's read-ahead for the buffered descriptor.
@@ -208,6 +236,8 @@ class RawFile:
                 return
 
     def _read_buffered(self, offset: int, nbytes: int, description: str) -> torch.Tensor:
+        import torch
+
         # torch.empty skips the zero fill a bytearray would do: every byte is read over anyway.
         buffer = torch.empty(nbytes, dtype=torch.uint8)
         if nbytes:

@@ -23,6 +23,7 @@ import torch
 
 from mergekit_ext.checkpoint.direct_read import RawFile
 from mergekit_ext.checkpoint.hashing import StreamingDigest, cached_sha256, files_sha256
+from mergekit_ext.checkpoint.head_start import HeadStart
 from mergekit_ext.checkpoint.layout import SAFETENSORS_INDEX, SAFETENSORS_SINGLE, files_from_index, safetensors_files
 from mergekit_ext.checkpoint.safetensors_header import read_header
 from mergekit_ext.errors import CheckpointError, PickleNotAllowedError
@@ -77,6 +78,8 @@ class Checkpoint:
         self._lock = threading.Lock()
         self._sha256: str | None = None
         self._digest: StreamingDigest | None = None
+        # Bytes read ahead before the merge began (see head_start), taken by this checkpoint's reads.
+        self.head_start: HeadStart | None = None
 
     @classmethod
     def open(cls, path: str | Path, *, allow_pickle: bool = False) -> Checkpoint:
@@ -177,7 +180,7 @@ class Checkpoint:
                 if self._pickled:
                     self._handles[file] = _load_pickle(file)
                 else:
-                    raw = RawFile(file)
+                    raw = RawFile(file, head_start=self.head_start.for_file(file) if self.head_start else None)
                     if self._digest is not None:
                         raw.digest = (self._digest, self._digest.file_start(file))
                     self._handles[file] = raw

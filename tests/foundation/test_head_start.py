@@ -1,0 +1,252 @@
+"""The head start: the first tensors read before the merge code loads, then taken by the merge's reads."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from mergekit_ext.checkpoint.direct_read import MIN_DIRECT_BYTES, RawFile
+from mergekit_ext.checkpoint.head_start import HeadStart, _Region
+from mergekit_ext.checkpoint.reader import Checkpoint
+from mergekit_ext.checkpoint.safetensors_header import read_header
+from mergekit_ext.engine import MergeOptions, run_recipe
+from mergekit_ext.errors import CheckpointError
+from mergekit_ext.recipe import parse_recipe
+from mergekit_ext.tiny import write_tiny_checkpoint
+from tests.foundation.test_direct_read import evict
+
+
+def write_tensors(path: Path, seed: int, rows: int = 700) -> dict[str, torch.Tensor]:
+    """Write bf16 tensors of odd sizes: the large ones span several O_DIRECT pieces, `b` starts unaligned."""
+    generator = torch.Generator().manual_seed(seed)
+    state = {
+        "a": torch.randn(rows, 1024, generator=generator).to(torch.bfloat16),  # 1.4 MB at 700 rows
+        "b": torch.randn(3, 5, generator=generator).to(torch.bfloat16),
+        "c": torch.randn(rows + 3, 1024, generator=generator).to(torch.bfloat16),
+        "d": torch.randn(16, generator=generator).to(torch.bfloat16),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(path))
+    return state
+
+
+def file_bytes(path: Path, name: str) -> bytes:
+    header = read_header(path)
+    entry = header.entries[name]
+    with path.open("rb") as handle:
+        handle.seek(header.data_start + entry.begin)
+        return handle.read(entry.nbytes)
+
+
+def tensor_range(path: Path, name: str) -> tuple[int, int]:
+    header = read_header(path)
+    entry = header.entries[name]
+    return header.data_start + entry.begin, entry.nbytes
+
+
+def file_order(path: Path) -> list[str]:
+    return sorted("abcd", key=lambda name: tensor_range(path, name)[0])
+
+
+def read_through(head_start: HeadStart, path: Path, offset: int, nbytes: int) -> bytes:
+    raw = RawFile(path, head_start=head_start.for_file(path))
+    try:
+        return raw.read(offset, nbytes, "range").numpy().tobytes()
+    finally:
+        raw.close()
+
+
+def test_whole_tensors_served(tmp_path: Path) -> None:
+    path = tmp_path / "m.safetensors"
+    write_tensors(path, seed=0)
+    with HeadStart.begin([path], budget=1 << 30) as head_start:
+        regions = head_start.for_file(path)
+        assert regions is not None
+        # All tensors fit in the budget, in file order.
+        assert [region.description for region in regions.regions] == [f"tensor {name!r}" for name in file_order(path)]
+        for name in "abcd":
+            offset, nbytes = tensor_range(path, name)
+            served = regions.take(offset, nbytes)
+            assert served is not None
+            buffer, start = served
+            assert bytes(buffer[start : start + nbytes]) == file_bytes(path, name)
+        # Each region is dropped once all of it was handed out.
+        assert regions.regions == []
+        offset, nbytes = tensor_range(path, "a")
+        assert regions.take(offset, nbytes) is None
+
+
+def test_row_blocks_from_several_threads(tmp_path: Path) -> None:
+    path = tmp_path / "m.safetensors"
+    write_tensors(path, seed=1, rows=2100)  # 4.3 MB: pieces of a large tensor
+    evict(path, required=False)  # so the head start reads with O_DIRECT where the file system allows
+    offset, nbytes = tensor_range(path, "a")
+    row = nbytes // 2100
+    blocks = [(offset + start * row, min(150, 2100 - start) * row) for start in range(0, 2100, 150)]
+    with HeadStart.begin([path], budget=1 << 30) as head_start:
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            pieces = list(pool.map(lambda block: read_through(head_start, path, *block), blocks))
+        regions = head_start.for_file(path)
+        assert regions is not None
+        assert [region.description for region in regions.regions] == [
+            f"tensor {name!r}" for name in file_order(path) if name != "a"
+        ]
+    assert b"".join(pieces) == file_bytes(path, "a")
+
+
+def test_budget_prefix_then_rest_on_request(tmp_path: Path) -> None:
+    base, model = tmp_path / "base.safetensors", tmp_path / "model.safetensors"
+    write_tensors(base, seed=2, rows=2100)
+    write_tensors(model, seed=3, rows=2100)
+    evict(base, required=False)
+    evict(model, required=False)
+    offset, nbytes = tensor_range(base, "a")
+    # The budget covers all of the base's first tensor and a third of the model's.
+    head_start = HeadStart.begin([base, model], budget=nbytes + nbytes // 3)
+    assert head_start is not None
+    with head_start:
+        model_regions = head_start.for_file(model)
+        assert model_regions is not None and len(model_regions.regions) == 1
+        assert model_regions.regions[0].target == nbytes // 3
+        # A request that starts in the part read ahead is read to its end.
+        assert read_through(head_start, model, offset, nbytes) == file_bytes(model, "a")
+        assert read_through(head_start, base, offset, nbytes) == file_bytes(base, "a")
+        # A tensor past the budget is left to the merge's own reads.
+        c_offset, c_nbytes = tensor_range(base, "c")
+        base_regions = head_start.for_file(base)
+        assert base_regions is not None and base_regions.take(c_offset, c_nbytes) is None
+        assert read_through(head_start, base, c_offset, c_nbytes) == file_bytes(base, "c")
+
+
+def test_reference_order_sets_regions(tmp_path: Path) -> None:
+    reference, other = tmp_path / "reference.safetensors", tmp_path / "other.safetensors"
+    generator = torch.Generator().manual_seed(4)
+    save_file({name: torch.randn(256, 512, generator=generator) for name in ("x", "y")}, str(reference))
+    # safetensors puts wider dtypes first, so this file stores y before x.
+    save_file({"x": torch.randn(256, 512, generator=generator), "y": torch.randn(256, 256, dtype=torch.float64)}, str(other))
+    assert tensor_range(other, "y")[0] < tensor_range(other, "x")[0]
+    _, nbytes = tensor_range(reference, "x")
+    with HeadStart.begin([reference, other], budget=2 * nbytes) as head_start:
+        # The budget covers tensor x of both files, the reference's first tensor.
+        for path in (reference, other):
+            regions = head_start.for_file(path)
+            assert regions is not None
+            assert [region.description for region in regions.regions] == ["tensor 'x'"]
+
+
+def test_sharded_checkpoint_regions(tmp_path: Path) -> None:
+    folder = tmp_path / "sharded"
+    folder.mkdir()
+    first = write_tensors(folder / "model-00001-of-00002.safetensors", seed=5)
+    second = {"z": torch.arange(300000, dtype=torch.float32)}
+    save_file(second, str(folder / "model-00002-of-00002.safetensors"))
+    weight_map = {name: "model-00001-of-00002.safetensors" for name in first} | {"z": "model-00002-of-00002.safetensors"}
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    checkpoint = Checkpoint.open(folder)
+    with HeadStart.begin([folder], budget=1 << 30) as head_start:
+        checkpoint.head_start = head_start
+        for name in checkpoint.names:
+            loaded = checkpoint.load(name)
+            expected = first[name] if name in first else second[name]
+            assert torch.equal(loaded, expected)
+        for file in checkpoint.files:
+            regions = head_start.for_file(file)
+            assert regions is not None and regions.regions == []
+    checkpoint.close()
+
+
+@pytest.mark.parametrize("kind", ["missing", "pickled", "malformed"])
+def test_no_head_start_for_bad_inputs(tmp_path: Path, kind: str) -> None:
+    good = tmp_path / "good.safetensors"
+    write_tensors(good, seed=6)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    if kind == "pickled":
+        torch.save({"a": torch.zeros(2)}, bad / "pytorch_model.bin")
+    elif kind == "malformed":
+        (bad / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    else:
+        bad = tmp_path / "absent"
+    assert HeadStart.begin([good, bad]) is None
+
+
+def test_failed_read_falls_back(tmp_path: Path) -> None:
+    path = tmp_path / "m.safetensors"
+    write_tensors(path, seed=7)
+    offset, nbytes = tensor_range(path, "a")
+    # The file is cut short after its header was read: the head start's read fails.
+    with path.open("r+b") as handle:
+        handle.truncate(offset + nbytes // 2)
+    head_start = HeadStart([_Region(path.resolve(), offset, nbytes, "tensor 'a'", target=nbytes)])
+    head_start.start()
+    with head_start:
+        regions = head_start.for_file(path)
+        assert regions is not None
+        assert regions.take(offset, nbytes) is None
+        raw = RawFile(path, head_start=regions)
+        with pytest.raises(CheckpointError, match="file is truncated: tensor 'a'"):
+            raw.read(offset, nbytes, "tensor 'a'")
+        raw.close()
+
+
+def test_close_keeps_served_views(tmp_path: Path) -> None:
+    path = tmp_path / "m.safetensors"
+    write_tensors(path, seed=8, rows=2100)
+    offset, nbytes = tensor_range(path, "a")
+    head_start = HeadStart.begin([path], budget=1 << 30)
+    assert head_start is not None
+    raw = RawFile(path, head_start=head_start.for_file(path))
+    served = raw.read(offset, nbytes, "tensor 'a'")
+    head_start.close()
+    assert served.numpy().tobytes() == file_bytes(path, "a")
+    c_offset, c_nbytes = tensor_range(path, "c")
+    regions = head_start.for_file(path)
+    assert regions is not None and regions.take(c_offset, c_nbytes) is None
+    assert raw.read(c_offset, c_nbytes, "tensor 'c'").numpy().tobytes() == file_bytes(path, "c")
+    raw.close()
+
+
+def test_merge_same_with_head_start(tmp_path: Path) -> None:
+    folders = [
+        write_tiny_checkpoint(tmp_path / f"m{index}", seed=index, hidden=64, vocab_size=8192, dtype=torch.bfloat16)
+        for index in range(3)
+    ]
+    recipe = parse_recipe(
+        {
+            "merge_method": "ties",
+            "base_model": str(folders[0]),
+            "models": [{"model": str(folder), "parameters": {"weight": 0.5, "density": 0.4}} for folder in folders[1:]],
+        }
+    )
+    plain = run_recipe(recipe, MergeOptions(output=tmp_path / "plain"))
+    first = Checkpoint.open(folders[0])
+    first_bytes = first.info(first.names[0]).nbytes
+    first.close()
+    # The first tensor (a vocabulary table, 1 MB) takes the O_DIRECT path; the budget covers it in all inputs.
+    assert first_bytes >= MIN_DIRECT_BYTES
+    head_start = HeadStart.begin(folders, budget=3 * first_bytes)
+    assert head_start is not None
+    with head_start:
+        early = run_recipe(recipe, MergeOptions(output=tmp_path / "early", head_start=head_start))
+        for folder in folders:
+            regions = head_start.for_file(folder / "model.safetensors")
+            assert regions is not None and regions.regions == []
+    assert (tmp_path / "plain" / "model.safetensors").read_bytes() == (tmp_path / "early" / "model.safetensors").read_bytes()
+    assert early.input_hashes == plain.input_hashes
+
+
+def test_head_start_imports_without_torch() -> None:
+    # The head start is only worth it if it begins before torch is imported.
+    code = (
+        "import sys\n"
+        "from mergekit_ext.checkpoint.head_start import HeadStart\n"
+        "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if m.startswith('torch'))\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
