@@ -72,7 +72,7 @@ def output_options(function: Callable[..., Any]) -> Callable[..., Any]:
             help="Copy tokenizer files from this folder instead of the base model.",
         ),
         click.option(
-            "--prefetch", default=4, show_default=True, type=click.IntRange(1, 64), help="Tensors (or row blocks of large tensors) read ahead."
+            "--prefetch", default=16, show_default=True, type=click.IntRange(1, 64), help="Tensors (or row blocks of large tensors) read ahead."
         ),
     ]
     for decorator in reversed(decorators):

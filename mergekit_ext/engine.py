@@ -76,7 +76,10 @@ class MergeOptions:
     force: bool = False
     allow_pickle: bool = False
     truncate_vocab: bool = False
-    prefetch: int = 4
+    # Measured on 2 cores with the benchmark inputs (only the inputs evicted from the page
+    # cache, three rounds): 16 units took 5.8 to 6.6 s for TIES against 6.6 to 6.9 s with 4,
+    # and 5.1 to 5.8 s for task arithmetic against 5.4 to 6.6 s, with 0.15 GB more memory.
+    prefetch: int = 16
     prefetch_bytes: int = 1 << 30
     read_threads: int = 4
     merge_workers: int = 2  # units merged side by side
