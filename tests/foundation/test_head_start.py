@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -213,7 +214,7 @@ def test_close_keeps_served_views(tmp_path: Path) -> None:
     raw.close()
 
 
-def test_merge_same_with_head_start(tmp_path: Path) -> None:
+def test_merge_same_with_head_start(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     folders = [
         write_tiny_checkpoint(tmp_path / f"m{index}", seed=index, hidden=64, vocab_size=8192, dtype=torch.bfloat16)
         for index in range(3)
@@ -225,7 +226,10 @@ def test_merge_same_with_head_start(tmp_path: Path) -> None:
             "models": [{"model": str(folder), "parameters": {"weight": 0.5, "density": 0.4}} for folder in folders[1:]],
         }
     )
+    # Empty digest caches, so both merges hash their inputs from the bytes they read.
+    monkeypatch.setenv("MERGEKIT_EXT_CACHE", str(tmp_path / "cache-plain"))
     plain = run_recipe(recipe, MergeOptions(output=tmp_path / "plain"))
+    monkeypatch.setenv("MERGEKIT_EXT_CACHE", str(tmp_path / "cache-early"))
     first = Checkpoint.open(folders[0])
     first_bytes = first.info(first.names[0]).nbytes
     first.close()
@@ -240,6 +244,8 @@ def test_merge_same_with_head_start(tmp_path: Path) -> None:
             assert regions is not None and regions.regions == []
     assert (tmp_path / "plain" / "model.safetensors").read_bytes() == (tmp_path / "early" / "model.safetensors").read_bytes()
     assert early.input_hashes == plain.input_hashes
+    expected = {str(folder): hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest() for folder in folders}
+    assert early.input_hashes == expected
 
 
 def test_head_start_imports_without_torch() -> None:
