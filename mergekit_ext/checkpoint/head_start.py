@@ -210,8 +210,10 @@ class HeadStart:
                     return
                 region.buffer, region.start = buffer, aligned_start(region.offset, 0)
         buffer, start, filled = region.buffer, region.start, region.filled
-        # Pieces end on aligned offsets, so every piece after the first starts on one.
-        end = min(region.nbytes, (region.offset + filled + MAX_REQUEST_BYTES) // ALIGNMENT * ALIGNMENT - region.offset)
+        # Pieces end on aligned offsets, so every piece after the first starts on one. The
+        # last piece ends at the target rounded up to the alignment, not at a full piece.
+        wanted = min(region.nbytes, -(-(region.offset + region.target) // ALIGNMENT) * ALIGNMENT - region.offset)
+        end = min(wanted, (region.offset + filled + MAX_REQUEST_BYTES) // ALIGNMENT * ALIGNMENT - region.offset)
         try:
             with memoryview(buffer) as view:
                 handle.read_into(view, start + filled, region.offset + filled, end - filled, region.description)

@@ -6,6 +6,7 @@ import hashlib
 import json
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from mergekit_ext.checkpoint.direct_read import MIN_DIRECT_BYTES, RawFile
+from mergekit_ext.checkpoint.direct_read import ALIGNMENT, MIN_DIRECT_BYTES, RawFile
 from mergekit_ext.checkpoint.head_start import HeadStart, _Region
 from mergekit_ext.checkpoint.reader import Checkpoint
 from mergekit_ext.checkpoint.safetensors_header import read_header
@@ -116,6 +117,12 @@ def test_budget_prefix_then_rest_on_request(tmp_path: Path) -> None:
         model_regions = head_start.for_file(model)
         assert model_regions is not None and len(model_regions.regions) == 1
         assert model_regions.regions[0].target == nbytes // 3
+        # The head start reads no further than the budget, rounded up to the O_DIRECT alignment.
+        deadline = time.monotonic() + 10
+        while not model_regions.regions[0].filled and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.2)
+        assert nbytes // 3 <= model_regions.regions[0].filled < nbytes // 3 + ALIGNMENT
         # A request that starts in the part read ahead is read to its end.
         assert read_through(head_start, model, offset, nbytes) == file_bytes(model, "a")
         assert read_through(head_start, base, offset, nbytes) == file_bytes(base, "a")
