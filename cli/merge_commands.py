@@ -49,9 +49,16 @@ def _run(recipe: Any, global_options: GlobalOptions, options: dict[str, Any], re
     # The disk reads the first tensors while torch and the merge code load (about 1.2 s on
     # the 2-core benchmark machine). Imported here, as `merge --help` needs none of it.
     from mergekit_ext.checkpoint.head_start import HeadStart
+    from mergekit_ext.checkpoint.output_folder import check_output_folder
+    from mergekit_ext.errors import OutputError
 
-    inputs = ([recipe.base_model] if recipe.base_model else []) + recipe.model_paths()
-    head_start = HeadStart.begin([Path(path).expanduser() for path in inputs])
+    inputs = [Path(path).expanduser() for path in ([recipe.base_model] if recipe.base_model else []) + recipe.model_paths()]
+    head_start = None
+    try:
+        check_output_folder(Path(options["output"]), [path for path in inputs if path.exists()], options["force"])
+        head_start = HeadStart.begin(inputs)
+    except OutputError:
+        pass  # the merge reports it at once: nothing to read ahead for
     try:
         from mergekit_ext.engine import run_recipe
 

@@ -7,11 +7,15 @@ that the merge's reads then take (`RawFile.read`) instead of reading those bytes
 again. It needs only the safetensors headers and the standard library, so it starts
 before torch is imported.
 
-Each tensor of each input is one region. A region's buffer is handed out as the
-merge requests its bytes, whole or in row blocks, and dropped once every byte has
-been handed out, so the head start keeps no memory the merge has moved past. A read
-that fails, or a range no region covers, leaves the merge to read those bytes as it
-would without a head start, and to report any fault in the file itself.
+Each tensor of 1 MB or more of each input is one region. Smaller tensors are left to
+the merge, whose buffered reads of them cost little. A region's buffer is handed out
+as the merge requests its bytes, whole or in row blocks, and the head start drops it
+once every byte has been handed out. Row blocks taken from a buffer keep all of it in
+memory until the last of them is freed. A merge of row blocks (task arithmetic,
+linear) therefore holds up to the whole budget at first, about 1 GB more peak memory
+than without a head start. A read that fails, or a range no region covers, leaves the merge
+to read those bytes as it would without a head start, and to report any fault in the
+file itself.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mergekit_ext.checkpoint.direct_read import ALIGNMENT, MAX_REQUEST_BYTES, RawFile, aligned_start
+from mergekit_ext.checkpoint.direct_read import ALIGNMENT, MAX_REQUEST_BYTES, MIN_DIRECT_BYTES, RawFile, aligned_start
 from mergekit_ext.checkpoint.layout import safetensors_files
 from mergekit_ext.checkpoint.safetensors_header import read_header
 
@@ -84,14 +88,19 @@ class HeadStart:
             self._files.setdefault(region.file, FileHeadStart(self)).regions.append(region)
         self._condition = threading.Condition()
         self._stopped = False
+        # Regions are read in order from `_cursor` on. Regions requested past their target
+        # wait in `_extended`. So finding the next region needs no scan of all of them.
+        self._cursor = 0
+        self._extended: list[_Region] = []
         self._thread = threading.Thread(target=self._read_all, name="mergekit-ext-head-start", daemon=True)
 
     @classmethod
     def begin(cls, checkpoints: Sequence[Path], budget: int = DEFAULT_BUDGET) -> HeadStart | None:
         """Start reading the first `budget` bytes of the tensors of `checkpoints` (folders or .safetensors files).
 
-        Tensors are taken in the order of the first checkpoint (the merge's reference: the
-        base model, or else the first model), each from every checkpoint that has it.
+        Tensors of MIN_DIRECT_BYTES or more are taken in the order of the first checkpoint
+        (the merge's reference: the base model, or else the first model), each from every
+        checkpoint that has it.
         The last tensor may be read in part. When a merge requests all of it, as TIES
         requests whole tensors, the rest is read then. Returns None where nothing can be read
         ahead: a checkpoint that is missing, pickled or malformed is left to the merge,
@@ -106,7 +115,7 @@ class HeadStart:
         left = budget
         for name in headers[0] if headers else {}:
             for ranges in headers:
-                if name in ranges and left > 0:
+                if name in ranges and left > 0 and ranges[name][2] >= MIN_DIRECT_BYTES:
                     file, offset, nbytes = ranges[name]
                     regions.append(_Region(file, offset, nbytes, f"tensor {name!r}", target=min(nbytes, left)))
                     left -= nbytes
@@ -145,6 +154,7 @@ class HeadStart:
             needed = offset + nbytes - region.offset
             if needed > region.target:
                 region.target = needed
+                self._extended.append(region)
                 self._condition.notify_all()
             while region.filled < needed and not region.done:
                 self._condition.wait()
@@ -179,15 +189,25 @@ class HeadStart:
                 with self._condition:
                     region = self._next_region()
                     if region is None:
+                        if started:
+                            logger.debug("head start: read ahead in %.2f s", time.perf_counter() - started)
+                            started = 0.0
                         # Every requested byte is read: wait for more requests, or for `close`.
-                        logger.debug("head start: read ahead in %.2f s", time.perf_counter() - started)
                         while not self._stopped and (region := self._next_region()) is None:
                             self._condition.wait()
                         if region is None:
                             return
-                if region.file not in handles:
-                    handles[region.file] = RawFile(region.file)
-                self._read_piece(handles[region.file], region)
+                handle = handles.get(region.file)
+                if handle is None:
+                    try:
+                        handle = handles[region.file] = RawFile(region.file)
+                    except OSError as error:  # removed or unreadable since its header was read
+                        logger.debug("head start: cannot open %s: %s", region.file, error)
+                        with self._condition:
+                            region.done = True
+                            self._condition.notify_all()
+                        continue
+                self._read_piece(handle, region)
         finally:
             for handle in handles.values():
                 handle.close()
@@ -197,14 +217,32 @@ class HeadStart:
                 self._condition.notify_all()
 
     def _next_region(self) -> _Region | None:
+        """Return the next region with bytes to read, or None (call with the lock held)."""
         if self._stopped:
             return None
-        return next((r for r in self._regions if r.filled < r.target and not r.done), None)
+        while self._extended:
+            region = self._extended[0]
+            if region.filled < region.target and not region.done:
+                return region
+            self._extended.pop(0)
+        while self._cursor < len(self._regions):
+            region = self._regions[self._cursor]
+            if region.filled < region.target and not region.done:
+                return region
+            self._cursor += 1
+        return None
 
     def _read_piece(self, handle: RawFile, region: _Region) -> None:
         """Read the next piece of `region`: up to MAX_REQUEST_BYTES, ending on an aligned file offset."""
         if region.buffer is None:
-            buffer = mmap.mmap(-1, region.nbytes + 3 * ALIGNMENT)  # page-aligned, filled as read
+            try:
+                buffer = mmap.mmap(-1, region.nbytes + 3 * ALIGNMENT)  # page-aligned, filled as read
+            except OSError as error:  # out of address space: the merge reads this tensor itself
+                logger.debug("head start: no buffer for %s of %s: %s", region.description, region.file, error)
+                with self._condition:
+                    region.done = True
+                    self._condition.notify_all()
+                return
             with self._condition:
                 if region.done:
                     return

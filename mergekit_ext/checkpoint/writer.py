@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from mergekit_ext.checkpoint.direct_write import ShardFile
+from mergekit_ext.checkpoint.output_folder import check_output_folder
 from mergekit_ext.errors import OutputError
 
 logger = logging.getLogger(__name__)
@@ -103,26 +104,6 @@ def parse_size(text: str | int) -> int:
     if value <= 0:
         raise OutputError(f"invalid size {text!r}; it must be positive")
     return int(value * factor)
-
-
-def check_output_folder(output: Path, inputs: Iterable[Path], force: bool) -> None:
-    """Raise `OutputError` if `output` is an input, inside one, or a non-empty folder without `force`."""
-    resolved = output.resolve()
-    for input_path in inputs:
-        input_resolved = Path(input_path).resolve()
-        input_folder = input_resolved if input_resolved.is_dir() else input_resolved.parent
-        if resolved == input_folder or input_folder in resolved.parents or resolved in input_folder.parents:
-            raise OutputError(
-                f"output folder {output} overlaps the input {input_path}; choose an output "
-                "folder outside every input"
-            )
-    if output.exists() and not output.is_dir():
-        raise OutputError(f"output path {output} exists and is not a folder; choose another path")
-    if output.exists() and any(output.iterdir()) and not force:
-        raise OutputError(
-            f"output folder {output} exists and is not empty; choose another folder or pass "
-            "--force to replace it"
-        )
 
 
 class StreamingWriter:

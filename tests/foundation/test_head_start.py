@@ -6,18 +6,21 @@ import hashlib
 import json
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import torch
+from click.testing import CliRunner
 from safetensors.torch import save_file
 
 from mergekit_ext.checkpoint.direct_read import ALIGNMENT, MIN_DIRECT_BYTES, RawFile
 from mergekit_ext.checkpoint.head_start import HeadStart, _Region
 from mergekit_ext.checkpoint.reader import Checkpoint
 from mergekit_ext.checkpoint.safetensors_header import read_header
+from mergekit_ext.cli.main import cli
 from mergekit_ext.engine import MergeOptions, run_recipe
 from mergekit_ext.errors import CheckpointError
 from mergekit_ext.recipe import parse_recipe
@@ -53,8 +56,8 @@ def tensor_range(path: Path, name: str) -> tuple[int, int]:
     return header.data_start + entry.begin, entry.nbytes
 
 
-def file_order(path: Path) -> list[str]:
-    return sorted("abcd", key=lambda name: tensor_range(path, name)[0])
+def file_order(path: Path, names: str) -> list[str]:
+    return sorted(names, key=lambda name: tensor_range(path, name)[0])
 
 
 def read_through(head_start: HeadStart, path: Path, offset: int, nbytes: int) -> bytes:
@@ -71,9 +74,12 @@ def test_whole_tensors_served(tmp_path: Path) -> None:
     with HeadStart.begin([path], budget=1 << 30) as head_start:
         regions = head_start.for_file(path)
         assert regions is not None
-        # All tensors fit in the budget, in file order.
-        assert [region.description for region in regions.regions] == [f"tensor {name!r}" for name in file_order(path)]
-        for name in "abcd":
+        # The tensors of 1 MB or more (a and c) fit in the budget, in file order.
+        assert [region.description for region in regions.regions] == [f"tensor {name!r}" for name in file_order(path, "ac")]
+        # The small ones are left to the merge's own reads.
+        for name in "bd":
+            assert regions.take(*tensor_range(path, name)) is None
+        for name in "ac":
             offset, nbytes = tensor_range(path, name)
             served = regions.take(offset, nbytes)
             assert served is not None
@@ -97,9 +103,7 @@ def test_row_blocks_from_several_threads(tmp_path: Path) -> None:
             pieces = list(pool.map(lambda block: read_through(head_start, path, *block), blocks))
         regions = head_start.for_file(path)
         assert regions is not None
-        assert [region.description for region in regions.regions] == [
-            f"tensor {name!r}" for name in file_order(path) if name != "a"
-        ]
+        assert [region.description for region in regions.regions] == ["tensor 'c'"]
     assert b"".join(pieces) == file_bytes(path, "a")
 
 
@@ -136,9 +140,9 @@ def test_budget_prefix_then_rest_on_request(tmp_path: Path) -> None:
 def test_reference_order_sets_regions(tmp_path: Path) -> None:
     reference, other = tmp_path / "reference.safetensors", tmp_path / "other.safetensors"
     generator = torch.Generator().manual_seed(4)
-    save_file({name: torch.randn(256, 512, generator=generator) for name in ("x", "y")}, str(reference))
+    save_file({name: torch.randn(512, 1024, generator=generator) for name in ("x", "y")}, str(reference))
     # safetensors puts wider dtypes first, so this file stores y before x.
-    save_file({"x": torch.randn(256, 512, generator=generator), "y": torch.randn(256, 256, dtype=torch.float64)}, str(other))
+    save_file({"x": torch.randn(512, 1024, generator=generator), "y": torch.randn(512, 512, dtype=torch.float64)}, str(other))
     assert tensor_range(other, "y")[0] < tensor_range(other, "x")[0]
     _, nbytes = tensor_range(reference, "x")
     with HeadStart.begin([reference, other], budget=2 * nbytes) as head_start:
@@ -233,10 +237,12 @@ def test_merge_same_with_head_start(tmp_path: Path, monkeypatch: pytest.MonkeyPa
             "models": [{"model": str(folder), "parameters": {"weight": 0.5, "density": 0.4}} for folder in folders[1:]],
         }
     )
+
     # Empty digest caches, so both merges hash their inputs from the bytes they read.
     monkeypatch.setenv("MERGEKIT_EXT_CACHE", str(tmp_path / "cache-plain"))
     plain = run_recipe(recipe, MergeOptions(output=tmp_path / "plain"))
     monkeypatch.setenv("MERGEKIT_EXT_CACHE", str(tmp_path / "cache-early"))
+
     first = Checkpoint.open(folders[0])
     first_bytes = first.info(first.names[0]).nbytes
     first.close()
@@ -244,11 +250,13 @@ def test_merge_same_with_head_start(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert first_bytes >= MIN_DIRECT_BYTES
     head_start = HeadStart.begin(folders, budget=3 * first_bytes)
     assert head_start is not None
+
     with head_start:
         early = run_recipe(recipe, MergeOptions(output=tmp_path / "early", head_start=head_start))
         for folder in folders:
             regions = head_start.for_file(folder / "model.safetensors")
             assert regions is not None and regions.regions == []
+
     assert (tmp_path / "plain" / "model.safetensors").read_bytes() == (tmp_path / "early" / "model.safetensors").read_bytes()
     assert early.input_hashes == plain.input_hashes
     expected = {str(folder): hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest() for folder in folders}
@@ -263,3 +271,38 @@ def test_head_start_imports_without_torch() -> None:
         "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if m.startswith('torch'))\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_deleted_file_ends_quietly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "m.safetensors"
+    write_tensors(path, seed=9)
+    offset, nbytes = tensor_range(path, "a")
+    errors: list[BaseException | None] = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: errors.append(args.exc_value))
+    head_start = HeadStart([_Region(path.resolve(), offset, nbytes, "tensor 'a'", target=nbytes)])
+    # The file goes away after its header was read and before the thread opens it.
+    path.unlink()
+    head_start.start()
+    with head_start:
+        regions = head_start.for_file(path)
+        assert regions is not None
+        assert regions.take(offset, nbytes) is None
+    assert errors == []
+
+
+def test_cli_skips_head_start_for_rejected_output(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    folders = [write_tiny_checkpoint(tmp_path / f"m{index}", seed=index) for index in range(3)]
+    output = tmp_path / "out"
+    output.mkdir()
+    (output / "keep.txt").write_text("not empty")
+    begun: list[object] = []
+    monkeypatch.setattr(HeadStart, "begin", classmethod(lambda cls, *args, **kwargs: begun.append(args)))
+    arguments = ["ties", "-b", str(folders[0]), "-m", str(folders[1]), str(folders[2]), "-o", str(output)]
+    result = CliRunner().invoke(cli, arguments)
+    assert result.exit_code == 2
+    assert "exists and is not empty" in result.output
+    # Nothing is read ahead for a merge that its output check rejects.
+    assert begun == []
+    result = CliRunner().invoke(cli, [*arguments, "--force"])
+    assert result.exit_code == 0, result.output
+    assert len(begun) == 1
