@@ -108,7 +108,11 @@ class StreamingDigest:
             self._value = self._digest.hexdigest()
             self._pending.clear()
             self._pending_starts.clear()
-        if _identity(self.files) == self._key:  # unchanged while it was read
+        try:
+            unchanged = _identity(self.files) == self._key
+        except OSError:  # a file was removed after it was read: the value is right but not cached
+            unchanged = False
+        if unchanged:
             with _lock:
                 _remember(self._key, self._value)
         return self._value
@@ -130,7 +134,14 @@ class StreamingDigest:
             low, high = max(begin, start), min(end, start + size)
             if low >= high:
                 continue
-            with open(file, "rb", buffering=0) as handle:
+            try:
+                handle = open(file, "rb", buffering=0)  # noqa: SIM115 - closed by the with below
+            except OSError as error:
+                raise CheckpointError(
+                    f"{file}: cannot read it to finish its SHA-256 ({error.strerror}); it was moved or "
+                    "removed during the merge, so restore it and run the merge again"
+                ) from None
+            with handle:
                 handle.seek(low - start)
                 position = low
                 while position < high:

@@ -15,6 +15,7 @@ from mergekit_ext.checkpoint import Checkpoint
 from mergekit_ext.checkpoint import hashing
 from mergekit_ext.checkpoint.hashing import StreamingDigest, cached_sha256, files_sha256
 from mergekit_ext.engine import MergeOptions, run_recipe
+from mergekit_ext.errors import CheckpointError
 from mergekit_ext.recipe import parse_recipe
 
 ModelFactory = Callable[..., list[Path]]
@@ -95,6 +96,25 @@ def test_hexdigest_is_remembered(two_files: tuple[list[Path], bytes], monkeypatc
 
     monkeypatch.setattr(hashing.hashlib, "sha256", no_hashing)
     assert files_sha256(files) == expected
+
+
+def test_removed_file_keeps_digest(two_files: tuple[list[Path], bytes]) -> None:
+    files, content = two_files
+    digest = StreamingDigest(files)
+    digest.feed(0, memoryview(content))
+    files[1].unlink()
+    # Every byte was read before the removal, so the value is right, but it is not cached.
+    assert digest.hexdigest() == hashlib.sha256(content).hexdigest()
+    assert hashing._read_cache() == {}
+
+
+def test_removed_unread_file_reported(two_files: tuple[list[Path], bytes]) -> None:
+    files, content = two_files
+    digest = StreamingDigest(files)
+    digest.feed(0, memoryview(content)[:1000])
+    files[1].unlink()
+    with pytest.raises(CheckpointError, match="b.bin: cannot read it to finish its SHA-256"):
+        digest.hexdigest()
 
 
 def test_checkpoint_digest_from_loads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
