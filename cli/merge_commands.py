@@ -52,13 +52,17 @@ def _run(recipe: Any, global_options: GlobalOptions, options: dict[str, Any], re
     from mergekit_ext.checkpoint.output_folder import check_output_folder
     from mergekit_ext.errors import OutputError
 
-    inputs = [Path(path).expanduser() for path in ([recipe.base_model] if recipe.base_model else []) + recipe.model_paths()]
+    references = recipe.model_paths()
+    if recipe.base_model:
+        references.insert(0, recipe.base_model)  # the base comes first: its tensor order is the merge's
+    inputs = [Path(reference).expanduser() for reference in references]
     head_start = None
     try:
+        # The engine makes the same check after the import. A rejected output needs no head start.
         check_output_folder(Path(options["output"]), [path for path in inputs if path.exists()], options["force"])
         head_start = HeadStart.begin(inputs)
     except OutputError:
-        pass  # the merge reports it at once: nothing to read ahead for
+        pass
     try:
         from mergekit_ext.engine import run_recipe
 

@@ -76,9 +76,9 @@ class MergeOptions:
     force: bool = False
     allow_pickle: bool = False
     truncate_vocab: bool = False
-    # Measured on 2 cores with the benchmark inputs (only the inputs evicted from the page
-    # cache, three rounds): 16 units took 5.8 to 6.6 s for TIES against 6.6 to 6.9 s with 4,
-    # and 5.1 to 5.8 s for task arithmetic against 5.4 to 6.6 s, with 0.15 GB more memory.
+    # Measured on 2 cores, benchmark inputs evicted from the page cache, three rounds. With
+    # 16 units TIES took 5.8 to 6.6 s against 6.6 to 6.9 s with 4. Task arithmetic took 5.1
+    # to 5.8 s against 5.4 to 6.6 s. Peak memory grew by 0.15 GB.
     prefetch: int = 16
     prefetch_bytes: int = 1 << 30
     read_threads: int = 4
@@ -125,6 +125,11 @@ class _Inputs:
     models: list[Checkpoint]
     reference: Checkpoint  # the checkpoint whose tensor names and order define the output
 
+    @property
+    def checkpoints(self) -> list[Checkpoint]:
+        """Return the base (if any) and the models, in the order the merge reads them."""
+        return [c for c in [self.base, *self.models] if c is not None]
+
 
 def run_recipe(recipe: Recipe, options: MergeOptions, progress: ProgressCallback | None = None) -> MergeReport:
     """Merge the models of `recipe` into `options.output` and return a report."""
@@ -136,7 +141,7 @@ def run_recipe(recipe: Recipe, options: MergeOptions, progress: ProgressCallback
     out_dtype = parse_dtype(recipe.out_dtype or recipe.dtype)
     plan = _plan(recipe, method, inputs, out_dtype, options.truncate_vocab)
 
-    checkpoints = [c for c in [inputs.base, *inputs.models] if c is not None]
+    checkpoints = inputs.checkpoints
     writer_plan = [PlannedTensor(p.name, p.shape, p.out_dtype) for p in plan]
     logger.info(
         "Merging %d tensors of %d inputs with %s on %s", len(plan), len(checkpoints), method.name, device
@@ -519,7 +524,7 @@ def _rehearsal(
         shape = (REHEARSAL_ELEMENTS,)  # a few huge rows: a flat tensor instead
     generator = torch.Generator().manual_seed(seed)
     base = torch.randn(shape, generator=generator) * 0.02
-    checkpoints = [c for c in [inputs.base, *inputs.models] if c is not None]
+    checkpoints = inputs.checkpoints
     tensors = [
         (base + torch.randn(shape, generator=generator) * 0.002 * index).to(
             device=device, dtype=_merge_dtype(checkpoint.info(item.name).dtype, method)
@@ -574,7 +579,7 @@ def _stream(
         # Counted as float32, an upper bound when a method takes the stored dtype.
         return 4 * unit.elements * input_count
 
-    checkpoints = [c for c in [inputs.base, *inputs.models] if c is not None]
+    checkpoints = inputs.checkpoints
     if progress is not None:
         progress(0, len(plan), "")
     merge_workers = max(1, options.merge_workers)

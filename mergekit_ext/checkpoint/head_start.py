@@ -250,8 +250,8 @@ class HeadStart:
         buffer, start, filled = region.buffer, region.start, region.filled
         # Pieces end on aligned offsets, so every piece after the first starts on one. The
         # last piece ends at the target rounded up to the alignment, not at a full piece.
-        wanted = min(region.nbytes, -(-(region.offset + region.target) // ALIGNMENT) * ALIGNMENT - region.offset)
-        end = min(wanted, (region.offset + filled + MAX_REQUEST_BYTES) // ALIGNMENT * ALIGNMENT - region.offset)
+        read_end = min(region.nbytes, -(-(region.offset + region.target) // ALIGNMENT) * ALIGNMENT - region.offset)
+        end = min(read_end, (region.offset + filled + MAX_REQUEST_BYTES) // ALIGNMENT * ALIGNMENT - region.offset)
         try:
             with memoryview(buffer) as view:
                 handle.read_into(view, start + filled, region.offset + filled, end - filled, region.description)
@@ -265,16 +265,18 @@ class HeadStart:
 
 
 def _tensor_ranges(checkpoint: Path) -> dict[str, tuple[Path, int, int]]:
-    """Return each tensor's file, offset and size in a safetensors checkpoint, in file and offset order."""
+    """Return each tensor's file, offset and size in a safetensors checkpoint, in file and offset order.
+
+    The order is `Checkpoint`'s, which the merge follows: the files as listed, each by offset.
+    """
     files = [checkpoint] if checkpoint.is_file() else safetensors_files(checkpoint)
     if not files:
         raise FileNotFoundError(f"{checkpoint}: no safetensors files")
-    entries = []
+    ranges = {}
     for file in files:
         header = read_header(file)
         resolved = file.resolve()
-        for entry in header.entries.values():
-            entries.append((resolved, header.data_start + entry.begin, entry.nbytes, entry.name))
-    file_rank = {file: rank for rank, file in enumerate(dict.fromkeys(entry[0] for entry in entries))}
-    entries.sort(key=lambda entry: (file_rank[entry[0]], entry[1]))
-    return {name: (file, offset, nbytes) for file, offset, nbytes, name in entries if nbytes > 0}
+        for entry in sorted(header.entries.values(), key=lambda entry: entry.begin):
+            if entry.nbytes > 0:
+                ranges[entry.name] = (resolved, header.data_start + entry.begin, entry.nbytes)
+    return ranges
