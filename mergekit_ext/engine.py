@@ -7,8 +7,8 @@ current one is merged, and a writer thread writes the previous result. Up to
 `merge_workers` units merge side by side, so a kernel that runs on one core at a time
 leaves the other cores busy with the next unit. The read-ahead and the merges
 beside the oldest one are bounded by count (`prefetch` units) and by bytes
-(`prefetch_bytes`, float32), so peak memory stays near (inputs + 2) times the largest
-tensor plus that window, whatever the model size. For elementwise methods (linear,
+(`prefetch_bytes`, in the dtype each input is loaded as), so peak memory stays near
+(inputs + 2) times the largest tensor plus that window, whatever the model size. For elementwise methods (linear,
 task arithmetic) a unit is a block of at most `block_elements` entries of a large
 tensor, so memory stays near (inputs + 2) blocks plus the window.
 
@@ -572,14 +572,19 @@ def _stream(
     options: MergeOptions,
     progress: ProgressCallback | None,
 ) -> None:
-    input_count = len(inputs.models) + (1 if inputs.base is not None else 0)
     units = _units(plan, method, options.block_elements)
 
-    def unit_bytes(unit: _Unit) -> int:
-        # Counted as float32, an upper bound when a method takes the stored dtype.
-        return 4 * unit.elements * input_count
-
     checkpoints = inputs.checkpoints
+
+    def unit_bytes(unit: _Unit) -> int:
+        # The bytes the unit's inputs take once loaded, in the dtype the method receives them in.
+        # Counting float32 for inputs that stay bf16 would halve the window that `prefetch_bytes` sets.
+        item = unit.item
+        dtypes = [checkpoint.info(item.name).dtype for checkpoint in checkpoints]
+        if item.mergeable:
+            dtypes = [_merge_dtype(dtype, method) for dtype in dtypes]
+        return unit.elements * sum(dtype.itemsize for dtype in dtypes)
+
     if progress is not None:
         progress(0, len(plan), "")
     merge_workers = max(1, options.merge_workers)

@@ -102,7 +102,7 @@ class ShardFile:
             logger.debug("O_DIRECT is not available for %s (%s); writing through the page cache", self.path, error)
             return
         # An anonymous mapping starts on a page boundary, as O_DIRECT needs.
-        self._stage = mmap.mmap(-1, STAGE_BYTES)
+        self._stage = mmap.mmap(-1, STAGE_BYTES, flags=mmap.MAP_PRIVATE)
         self._staged = np.frombuffer(self._stage, dtype=np.uint8)
 
     def _append(self, data: np.ndarray) -> int:

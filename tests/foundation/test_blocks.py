@@ -279,6 +279,43 @@ def test_concurrent_merges_stay_in_window(
     assert peak[0] == 1
 
 
+@pytest.mark.parametrize(("method", "ahead"), [("ties", 4), ("linear", 2)])
+def test_read_window_counts_loaded_dtype(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str, ahead: int
+) -> None:
+    # Three bf16 checkpoints of eight tensors. TIES takes bf16 inputs as stored, so a window
+    # of four bf16 units contains four. Linear takes float32, whose units are twice the size.
+    generator = torch.Generator().manual_seed(3)
+    paths = []
+    for index in range(3):
+        path = tmp_path / f"input-{index}"
+        path.mkdir()
+        state = {f"t{k}": torch.randn(1000, generator=generator).to(torch.bfloat16) for k in range(8)}
+        save_file(state, str(path / "model.safetensors"))
+        paths.append(path)
+    loaded: list[str] = []
+    seen_by_first_merge: list[int] = []
+    load_one, merge_one = engine._load_one, engine._merge_one
+
+    def recording_load(unit: engine._Unit, *args: object) -> torch.Tensor:
+        loaded.append(unit.item.name)
+        return load_one(unit, *args)
+
+    def slow_first_merge(*args: object, **kwargs: object) -> torch.Tensor:
+        if not seen_by_first_merge:
+            time.sleep(0.3)  # the read threads finish every load submitted so far
+            seen_by_first_merge.append(len(set(loaded)))
+        return merge_one(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "_load_one", recording_load)
+    monkeypatch.setattr(engine, "_merge_one", slow_first_merge)
+    window = 4 * 1000 * 2 * 3  # four units of three bf16 inputs
+    options = MergeOptions(output=tmp_path / "out", merge_workers=1, prefetch_bytes=window)
+    run_recipe(recipe(method, paths[0], paths[1:]), options)
+    # The merging unit is outside the window, and the units read ahead fill it.
+    assert seen_by_first_merge == [1 + ahead]
+
+
 def test_base_listed_as_model_warns(
     tiny_models: ModelFactory, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
