@@ -301,6 +301,47 @@ def test_first_signal_ignores_later_ones(handler: str, raised: type[BaseExceptio
             signal.signal(number, previous)
 
 
+# Installs the CLI's handler, then imports a module that signals this process and runs
+# on for 0.3 s. The handler must wait for the import to finish before it raises.
+SIGNAL_DURING_IMPORT = """
+import signal, sys, time
+from mergekit_ext.cli import main as cli_main
+signal.signal(getattr(signal, sys.argv[2]), getattr(cli_main, sys.argv[3]))
+sys.path.insert(0, sys.argv[1])
+try:
+    import signalling_module
+except BaseException as error:
+    print("import interrupted by", type(error).__name__)
+    sys.exit(3)
+try:
+    time.sleep(10)
+except BaseException as error:
+    print("interrupted after the import by", type(error).__name__, signalling_module.finished)
+    sys.exit(0)
+print("not interrupted")
+"""
+
+SIGNALLING_MODULE = """
+import os, signal, sys, time
+os.kill(os.getpid(), getattr(signal, sys.argv[2]))
+for _ in range(30):
+    time.sleep(0.01)
+finished = True
+"""
+
+
+@pytest.mark.parametrize(
+    ("name", "handler", "raised"),
+    [("SIGINT", "_interrupt", "KeyboardInterrupt"), ("SIGTERM", "_exit_on_signal", "SystemExit")],
+)
+def test_signal_waits_for_import(tmp_path: Path, name: str, handler: str, raised: str) -> None:
+    (tmp_path / "signalling_module.py").write_text(SIGNALLING_MODULE)
+    command = [sys.executable, "-c", SIGNAL_DURING_IMPORT, str(tmp_path), name, handler]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.strip() == f"interrupted after the import by {raised} True"
+
+
 def test_ctrl_c_exits_with_130(tmp_path: Path) -> None:
     import os
     import signal
