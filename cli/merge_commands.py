@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from mergekit_ext.cli.main import GlobalOptions, skip_teardown
+from mergekit_ext.cli.main import GlobalOptions, exit_at_once_on_signal, ignore_signals, skip_teardown
 from mergekit_ext.cli.options import GreedyCommand, output_options
 from mergekit_ext.cli.progress import progress_callback
 
@@ -64,11 +64,15 @@ def _run(recipe: Any, global_options: GlobalOptions, options: dict[str, Any], re
     except OutputError:
         pass
     try:
-        from mergekit_ext.engine import run_recipe
+        # Nothing is written before the merge code has loaded, so a signal may end the process at once.
+        with exit_at_once_on_signal():
+            from mergekit_ext.engine import run_recipe
 
         merge_options = _merge_options(global_options, options, recipe_path, head_start)
         with progress_callback(f"{recipe.merge_method} merge") as update:
             report = run_recipe(recipe, merge_options, progress=update)
+        # The output is in place: a signal now would report an abort that did not happen.
+        ignore_signals()
     finally:
         if head_start is not None:
             head_start.close()

@@ -26,6 +26,7 @@ import torch
 
 from mergekit_ext.checkpoint.direct_write import ShardFile
 from mergekit_ext.checkpoint.output_folder import check_output_folder
+from mergekit_ext.critical import critical_section
 from mergekit_ext.errors import OutputError
 
 logger = logging.getLogger(__name__)
@@ -286,14 +287,20 @@ class StreamingWriter:
             index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
             self.write_text(INDEX_NAME, json.dumps(index, indent=2) + "\n")
 
-        replaced = None
-        if self.output.exists():
-            replaced = self.output.parent / f".{self.output.name}.replaced-{uuid.uuid4().hex[:8]}"
-            os.replace(self.output, replaced)
-        os.replace(self.temporary, self.output)
-        if replaced is not None:
-            shutil.rmtree(replaced, ignore_errors=True)
-        self._committed = True
+        with critical_section():
+            replaced = None
+            if self.output.exists():
+                replaced = self.output.parent / f".{self.output.name}.replaced-{uuid.uuid4().hex[:8]}"
+                os.replace(self.output, replaced)
+            try:
+                os.replace(self.temporary, self.output)
+            except BaseException:
+                if replaced is not None:
+                    os.replace(replaced, self.output)  # the old output goes back in place
+                raise
+            self._committed = True
+            if replaced is not None:
+                shutil.rmtree(replaced, ignore_errors=True)
         logger.debug("Committed %s (%d shards, %d bytes)", self.output, len(self._shards), self.total_bytes)
         return self.output
 

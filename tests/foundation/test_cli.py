@@ -250,7 +250,7 @@ def test_sigterm_leaves_no_partial_output(tmp_path: Path) -> None:
     models = [write_tiny_checkpoint(tmp_path / f"m{i}", seed=i, num_layers=8, hidden=512, vocab_size=64) for i in range(4)]
     out = tmp_path / "out"
     command = [sys.executable, "-m", "mergekit_ext.cli.main", "tsv", "-b", str(models[0]), "-m", *map(str, models[1:]), "-o", str(out)]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and not any(".partial-" in path.name for path in tmp_path.iterdir()):
         time.sleep(0.05)
@@ -262,7 +262,9 @@ def test_sigterm_leaves_no_partial_output(tmp_path: Path) -> None:
     _wait_until_ignored(process.pid, signal.SIGTERM)
     os.kill(process.pid, signal.SIGTERM)
     os.kill(process.pid, signal.SIGINT)
-    assert process.wait(timeout=60) == 128 + signal.SIGTERM
+    _, errors = process.communicate(timeout=60)
+    assert process.returncode == 128 + signal.SIGTERM
+    assert errors.strip().splitlines()[-1] == "Terminated."
     assert not out.exists()
     assert [path for path in tmp_path.iterdir() if ".partial-" in path.name] == []
 
@@ -337,9 +339,59 @@ finished = True
 def test_signal_waits_for_import(tmp_path: Path, name: str, handler: str, raised: str) -> None:
     (tmp_path / "signalling_module.py").write_text(SIGNALLING_MODULE)
     command = [sys.executable, "-c", SIGNAL_DURING_IMPORT, str(tmp_path), name, handler]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.strip() == f"interrupted after the import by {raised} True"
+
+
+def test_signal_waits_for_critical_section(monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+    import signal
+    import time
+
+    from mergekit_ext.cli import main as cli_main
+    from mergekit_ext.critical import critical_section
+
+    sent: list[tuple[int, int]] = []
+    monkeypatch.setattr(os, "kill", lambda pid, number: sent.append((pid, number)))
+    saved = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with critical_section():
+            cli_main._interrupt(signal.SIGINT, None)  # returns: the section finishes first
+            deadline = time.monotonic() + 5
+            while not sent and time.monotonic() < deadline:
+                time.sleep(0.01)
+        assert sent == [(os.getpid(), signal.SIGINT)]
+        with pytest.raises(KeyboardInterrupt):
+            cli_main._interrupt(signal.SIGINT, None)
+    finally:
+        for number, previous in saved.items():
+            signal.signal(number, previous)
+
+
+# Sends itself a signal inside `exit_at_once_on_signal`, then waits: the handler must end the process.
+EXIT_AT_ONCE = """
+import os, signal, sys, time
+from mergekit_ext.cli import main as cli_main
+signal.signal(signal.SIGINT, cli_main._interrupt)
+signal.signal(signal.SIGTERM, cli_main._exit_on_signal)
+with cli_main.exit_at_once_on_signal():
+    os.kill(os.getpid(), getattr(signal, sys.argv[1]))
+    time.sleep(10)
+print("still running")
+"""
+
+
+@pytest.mark.parametrize(("name", "status", "message"), [("SIGINT", 130, "Aborted."), ("SIGTERM", 143, "Terminated.")])
+def test_signal_exits_at_once_before_work(name: str, status: int, message: str) -> None:
+    import time
+
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, "-c", EXIT_AT_ONCE, name], capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == status, result.stderr
+    assert result.stderr.strip() == message
+    assert result.stdout == ""
+    assert time.monotonic() - started < 8
 
 
 def test_ctrl_c_exits_with_130(tmp_path: Path) -> None:

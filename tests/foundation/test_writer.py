@@ -107,6 +107,59 @@ def test_non_empty_output_needs_force(tmp_path: Path) -> None:
     assert leftover_partials(tmp_path) == []
 
 
+def test_interrupted_replace_restores_old_output(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("user data")
+    state = sample_state()
+    replace = os.replace
+
+    def interrupted_second_rename(source: Path, target: Path) -> None:
+        if Path(source).name.startswith(".out.partial-"):
+            raise KeyboardInterrupt  # a Ctrl-C between moving the old output aside and the new one in
+        replace(source, target)
+
+    with StreamingWriter(out, plan_of(state), force=True) as writer:
+        for name, tensor in state.items():
+            writer.write(name, tensor)
+        monkeypatch.setattr(os, "replace", interrupted_second_rename)
+        with pytest.raises(KeyboardInterrupt):
+            writer.commit()
+    assert (out / "keep.txt").read_text() == "user data"
+    assert not (out / "model.safetensors").exists()
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["out"]
+
+
+def test_interrupted_cleanup_keeps_new_output(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+
+    from mergekit_ext.critical import in_critical_section
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("user data")
+    state = sample_state()
+    seen_in_section = []
+
+    def interrupted_removal(path: Path, ignore_errors: bool = False) -> None:
+        seen_in_section.append(in_critical_section())
+        raise KeyboardInterrupt  # a Ctrl-C while the old output is removed
+
+    with StreamingWriter(out, plan_of(state), force=True) as writer:
+        for name, tensor in state.items():
+            writer.write(name, tensor)
+        monkeypatch.setattr(shutil, "rmtree", interrupted_removal)
+        with pytest.raises(KeyboardInterrupt):
+            writer.commit()
+        monkeypatch.undo()
+    # The new output is in place, and leaving the writer does not remove it.
+    assert seen_in_section == [True]
+    assert torch.equal(load_file(str(out / "model.safetensors"))["a"], state["a"])
+    assert not in_critical_section()
+
+
 def test_output_equal_to_input(tmp_path: Path) -> None:
     model = tmp_path / "model"
     model.mkdir()
