@@ -237,8 +237,13 @@ def exit_at_once_on_signal() -> Iterator[None]:
 
 
 def ignore_signals() -> None:
-    """Ignore Ctrl-C and SIGTERM from now on: for a command whose output is committed."""
-    _ignore_further_signals()
+    """Ignore Ctrl-C and SIGTERM from now on: for a command whose output is committed.
+
+    Changes nothing unless `main` installed this module's handlers, so a command run
+    in-process (by click's test runner, say) leaves its caller's handlers alone.
+    """
+    if signal.getsignal(signal.SIGINT) is _interrupt or signal.getsignal(signal.SIGTERM) is _exit_on_signal:
+        _ignore_further_signals()
 
 
 def _postpone(signal_number: int, frame: FrameType | None) -> bool:

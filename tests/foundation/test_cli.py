@@ -394,6 +394,18 @@ def test_signal_exits_at_once_before_work(name: str, status: int, message: str) 
     assert time.monotonic() - started < 8
 
 
+def test_in_process_merge_keeps_signal_handlers(tiny_models: ModelFactory, tmp_path: Path) -> None:
+    import signal
+
+    base, first, second = tiny_models(3)
+    before = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
+    result = invoke("ties", "-b", str(base), "-m", str(first), str(second), "-o", str(tmp_path / "out"))
+    assert result.exit_code == 0
+    # Only the `merge` entry point's own handlers give way to ignoring signals after the commit.
+    assert signal.getsignal(signal.SIGINT) == before[signal.SIGINT]
+    assert signal.getsignal(signal.SIGTERM) == before[signal.SIGTERM]
+
+
 def test_ctrl_c_exits_with_130(tmp_path: Path) -> None:
     import os
     import signal
