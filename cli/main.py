@@ -198,6 +198,7 @@ def _one_line_usage_error(error: click.ClickException) -> str:
 
 
 def _exit_on_signal(signal_number: int, frame: FrameType | None) -> None:
+    _exit_if_nothing_written(signal_number)
     if _postpone(signal_number, frame):
         return
     global _terminated
@@ -207,6 +208,7 @@ def _exit_on_signal(signal_number: int, frame: FrameType | None) -> None:
 
 
 def _interrupt(signal_number: int, frame: FrameType | None) -> None:
+    _exit_if_nothing_written(signal_number)
     if _postpone(signal_number, frame):
         return
     _ignore_further_signals()
@@ -216,9 +218,8 @@ def _interrupt(signal_number: int, frame: FrameType | None) -> None:
 # Seconds until a postponed signal is sent again.
 SIGNAL_RETRY_SECONDS = 0.05
 _signal_retry: threading.Timer | None = None
-# Set inside `exit_at_once_on_signal`, and by the SIGTERM handler for `main`'s message.
-_exit_at_once = False
-_terminated = False
+_exit_at_once = False  # True inside `exit_at_once_on_signal`
+_terminated = False  # set by the SIGTERM handler, so that `main` prints its message
 
 
 @contextmanager
@@ -237,13 +238,21 @@ def exit_at_once_on_signal() -> Iterator[None]:
 
 
 def ignore_signals() -> None:
-    """Ignore Ctrl-C and SIGTERM from now on: for a command whose output is committed.
+    """Ignore Ctrl-C and SIGTERM from now on, once a command's output is committed.
 
     Changes nothing unless `main` installed this module's handlers, so a command run
     in-process (by click's test runner, say) leaves its caller's handlers alone.
     """
     if signal.getsignal(signal.SIGINT) is _interrupt or signal.getsignal(signal.SIGTERM) is _exit_on_signal:
         _ignore_further_signals()
+
+
+def _exit_if_nothing_written(signal_number: int) -> None:
+    """End the process at once, with status 128 + `signal_number`, inside `exit_at_once_on_signal`."""
+    if _exit_at_once:
+        _ignore_further_signals()
+        _echo_stop_message(signal_number)
+        os._exit(128 + signal_number)
 
 
 def _postpone(signal_number: int, frame: FrameType | None) -> bool:
@@ -254,14 +263,9 @@ def _postpone(signal_number: int, frame: FrameType | None) -> bool:
     An exception raised inside an import can leave a library half-initialized. torch's
     C++ initialization imports numpy and clears any error from that import, so a Ctrl-C
     there was lost. Of 20 merges interrupted 0.38 to 0.48 s after the start, 2 ran on to
-    the end and 10 failed later in numpy with a RecursionError. Inside
-    `exit_at_once_on_signal` the process ends here instead.
+    the end and 10 failed later in numpy with a RecursionError.
     """
     global _signal_retry
-    if _exit_at_once:
-        _ignore_further_signals()
-        _echo_stop_message(signal_number)
-        os._exit(128 + signal_number)
     if not (in_critical_section() or _importing(frame)):
         return False
     if _signal_retry is None or not _signal_retry.is_alive():

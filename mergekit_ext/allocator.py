@@ -10,9 +10,9 @@ and map one 4 KB page at a time. On the 2-core development machine that cost abo
 `keep_freed_memory` turns both off for the current process: large blocks come from
 the heap and freed memory stays there for the next tensor. It also puts every thread
 on the main arena, because a thread's own arena maps a block larger than 64 MB afresh
-regardless of these settings. The process's resident
-memory then stays at its peak until it exits, which suits a command-line run and is
-why only the `merge` entry point calls it, never the library.
+regardless of these settings. The process's resident memory then stays at its peak
+until it exits, which suits a command-line run and is why only the `merge` entry point
+calls it, never the library.
 
 Measured with the benchmark's inputs in the page cache: a base and 4 Qwen2-0.5B-shaped
 bf16 checkpoints on 2 cores, together with the bf16 output of the fused kernels. TIES

@@ -8,9 +8,10 @@ current one is merged, and a writer thread writes the previous result. Up to
 leaves the other cores busy with the next unit. The read-ahead and the merges
 beside the oldest one are bounded by count (`prefetch` units) and by bytes
 (`prefetch_bytes`, in the dtype each input is loaded as), so peak memory stays near
-(inputs + 2) times the largest tensor plus that window, whatever the model size. For elementwise methods (linear,
-task arithmetic) a unit is a block of at most `block_elements` entries of a large
-tensor, so memory stays near (inputs + 2) blocks plus the window.
+(inputs + 2) times the largest tensor plus that window, whatever the model size. For
+elementwise methods (linear, task arithmetic) a unit is a block of at most
+`block_elements` entries of a large tensor, so memory stays near (inputs + 2) blocks
+plus the window.
 
 Two things shorten the start of a merge. The first tensors may have been read
 already, while this module was imported (`MergeOptions.head_start`, see

@@ -357,7 +357,7 @@ def test_signal_waits_for_critical_section(monkeypatch: pytest.MonkeyPatch) -> N
     saved = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
     try:
         with critical_section():
-            cli_main._interrupt(signal.SIGINT, None)  # returns: the section finishes first
+            cli_main._interrupt(signal.SIGINT, None)  # returns, so the section finishes first
             deadline = time.monotonic() + 5
             while not sent and time.monotonic() < deadline:
                 time.sleep(0.01)
@@ -369,7 +369,7 @@ def test_signal_waits_for_critical_section(monkeypatch: pytest.MonkeyPatch) -> N
             signal.signal(number, previous)
 
 
-# Sends itself a signal inside `exit_at_once_on_signal`, then waits: the handler must end the process.
+# Sends itself a signal inside `exit_at_once_on_signal`, then waits. The handler must end the process.
 EXIT_AT_ONCE = """
 import os, signal, sys, time
 from mergekit_ext.cli import main as cli_main
@@ -401,7 +401,7 @@ def test_in_process_merge_keeps_signal_handlers(tiny_models: ModelFactory, tmp_p
     before = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
     result = invoke("ties", "-b", str(base), "-m", str(first), str(second), "-o", str(tmp_path / "out"))
     assert result.exit_code == 0
-    # Only the `merge` entry point's own handlers give way to ignoring signals after the commit.
+    # Signals are ignored after the commit only under the `merge` entry point's own handlers.
     assert signal.getsignal(signal.SIGINT) == before[signal.SIGINT]
     assert signal.getsignal(signal.SIGTERM) == before[signal.SIGTERM]
 

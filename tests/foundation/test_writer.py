@@ -107,12 +107,23 @@ def test_non_empty_output_needs_force(tmp_path: Path) -> None:
     assert leftover_partials(tmp_path) == []
 
 
-def test_interrupted_replace_restores_old_output(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import os
-
+def earlier_output(tmp_path: Path) -> Path:
+    """Create the folder `out` with one user file, as an output that a forced merge replaces."""
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("user data")
+    return out
+
+
+def write_all(writer: StreamingWriter, state: dict[str, torch.Tensor]) -> None:
+    for name, tensor in state.items():
+        writer.write(name, tensor)
+
+
+def test_interrupted_replace_restores_old_output(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    out = earlier_output(tmp_path)
     state = sample_state()
     replace = os.replace
 
@@ -122,8 +133,7 @@ def test_interrupted_replace_restores_old_output(tmp_path: Path, monkeypatch: py
         replace(source, target)
 
     with StreamingWriter(out, plan_of(state), force=True) as writer:
-        for name, tensor in state.items():
-            writer.write(name, tensor)
+        write_all(writer, state)
         monkeypatch.setattr(os, "replace", interrupted_second_rename)
         with pytest.raises(KeyboardInterrupt):
             writer.commit()
@@ -137,9 +147,7 @@ def test_interrupted_cleanup_keeps_new_output(tmp_path: Path, monkeypatch: pytes
 
     from mergekit_ext.critical import in_critical_section
 
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "keep.txt").write_text("user data")
+    out = earlier_output(tmp_path)
     state = sample_state()
     seen_in_section = []
 
@@ -148,8 +156,7 @@ def test_interrupted_cleanup_keeps_new_output(tmp_path: Path, monkeypatch: pytes
         raise KeyboardInterrupt  # a Ctrl-C while the old output is removed
 
     with StreamingWriter(out, plan_of(state), force=True) as writer:
-        for name, tensor in state.items():
-            writer.write(name, tensor)
+        write_all(writer, state)
         monkeypatch.setattr(shutil, "rmtree", interrupted_removal)
         with pytest.raises(KeyboardInterrupt):
             writer.commit()
